@@ -1,0 +1,43 @@
+"""The `cogni-mamba` command. Each subcommand lives in its own module here with two functions:
+`add_parser(subparsers)` declares its arguments and `run(args) -> int` wires the library together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import CogniError
+
+# Subcommand modules, in the order `--help` lists them.
+COMMANDS = ("info", "check")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cogni-mamba",
+                                     description="Train a small Llama-style language model and chat with it.")
+    from .. import __version__
+    parser.add_argument("--version", action="version", version=f"cogni-mamba {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = importlib.import_module(f"{__name__}.{name}")
+        p = module.add_parser(sub)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except CogniError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130

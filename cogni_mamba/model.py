@@ -1,0 +1,253 @@
+"""CogniMamba: a Llama-style decoder-only transformer.
+
+Pre-norm blocks of RMSNorm -> grouped-query attention with rotary embeddings -> residual, then
+RMSNorm -> SwiGLU feed-forward -> residual; a final RMSNorm and an LM head tied to the token
+embedding. Parameter names follow Meta's Llama (`wq wk wv wo`, `w1 w2 w3`), and the rotary
+embedding uses the half-split convention of Hugging Face's Llama, so the weights load into
+`transformers.LlamaForCausalLM` with a plain key map.
+
+Inference uses a preallocated `KVCache`: prefill the prompt, then feed one or more tokens at a
+time. Rows may be left-padded (`KVCache.pad`), which the cache turns into per-row positions and
+key masks so a padded row computes exactly what it would alone. The module does no I/O.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 and cast back."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.type_as(x)
+
+
+class Rotary(nn.Module):
+    """Rotary position embeddings (no parameters); cos/sin tables are cached and grown on demand."""
+
+    def __init__(self, head_dim: int, theta: float, max_len: int):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self._extend(max_len)
+
+    def _extend(self, length: int) -> None:
+        t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
+        freqs = torch.outer(t, self.inv_freq)  # (L, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (L, D): half-split layout, as in HF Llama
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for integer positions of shape (T,) or (B, T)."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self.cos.shape[0]:
+            self._extend(max(needed, 2 * self.cos.shape[0]))
+        return self.cos[positions], self.sin[positions]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, H, T, D) by position; cos/sin are (T, D) or (B, T, D)."""
+    if cos.dim() == 3:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layers, B, n_kv_heads, max_len, head_dim).
+
+    `length` is the number of filled slots, shared by all rows. `pad` holds, per row, how many of
+    its first slots are left padding; those slots are masked as keys and shift the row's positions.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *, device=None, dtype=torch.float32,
+                 pad: torch.Tensor | None = None):
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.length = 0
+        self.pad = None if pad is None or not bool(pad.any()) else pad.to(device=device, dtype=torch.long)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, Hkv, T, D) at the current slots; return the keys and values filled so far."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def positions(self, T: int) -> torch.Tensor:
+        """Rotary positions of the next T slots: (T,), or (B, T) when rows are padded."""
+        slots = torch.arange(self.length, self.length + T, device=self.k.device)
+        if self.pad is None:
+            return slots
+        return (slots[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def mask(self, T: int) -> torch.Tensor | None:
+        """Boolean attention mask (B or 1, 1, T, length + T); None where plain causal masking is exact."""
+        start = self.length
+        if self.pad is None and (T == 1 or start == 0):
+            return None
+        q = torch.arange(start, start + T, device=self.k.device)[:, None]
+        kpos = torch.arange(start + T, device=self.k.device)[None, :]
+        allowed = kpos <= q  # (T, S) causal
+        if self.pad is None:
+            return allowed[None, None]
+        valid = kpos[None] >= self.pad[:, None, None]  # (B, 1, S): not a pad slot
+        # A padding query may see itself, so its (unused) softmax row is never empty.
+        return ((allowed[None] & valid) | (kpos == q)[None])[:, None]
+
+
+class Attention(nn.Module):
+    """Grouped-query attention through scaled_dot_product_attention (flash / memory-efficient on GPU)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * config.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.kv_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.kv_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * config.head_dim, config.dim, bias=False)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, layer: int = 0, mask=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        causal = True
+        if cache is not None:
+            k, v = cache.update(layer, k.to(cache.k.dtype), v.to(cache.v.dtype))  # (B, Hkv, S, D)
+            k, v = k.to(q.dtype), v.to(q.dtype)
+            causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=False)  # gate
+        self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=False)  # up
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    def forward(self, x, cos, sin, cache=None, layer=0, mask=None) -> torch.Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), cos, sin, cache, layer, mask))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class CogniMamba(nn.Module):
+    """The language model. `model(ids)` -> logits (B, T, V); `model(ids, targets)` -> (logits, loss)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_seq_len)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 / Llama initialisation: N(0, std), residual projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)  # RMSNorm weights
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.config.n_layers))
+            else:
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
+                cache: KVCache | None = None, last_only: bool = False):
+        """Logits for every position (or the last one); with `targets`, also the mean cross-entropy.
+
+        With a cache, `input_ids` continue the sequence stored in it and the cache advances by T.
+        Targets equal to -100 are ignored.
+        """
+        B, T = input_ids.shape
+        if cache is not None:
+            if cache.length + T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} tokens; cannot add {T} to {cache.length}.")
+            positions, mask = cache.positions(T), cache.mask(T)
+        else:
+            positions, mask = torch.arange(T, device=input_ids.device), None
+        cos, sin = self.rotary(positions)
+        x = self.tok_embeddings(input_ids)  # (B, T, dim)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, mask)
+        if cache is not None:
+            cache.length += T
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.output(x)  # (B, T, V)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+    def new_cache(self, batch_size: int, max_len: int | None = None, *, pad: torch.Tensor | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
+        """An empty KV cache on this model's device (dtype defaults to the weights')."""
+        weight = self.tok_embeddings.weight
+        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, device=weight.device,
+                       dtype=dtype or weight.dtype, pad=pad)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (the tied head counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_embeddings.weight.numel() if exclude_embeddings else n
