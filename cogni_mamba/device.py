@@ -1,0 +1,59 @@
+"""Which device to run on, which precisions it supports, and which attention kernel SDPA picks."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def best_device() -> torch.device:
+    """CUDA, then Apple MPS, then CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """A device from a user string ("auto", "cpu", "cuda", "cuda:1", "mps")."""
+    from .errors import CogniError
+
+    if name in (None, "", "auto"):
+        return best_device()
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CogniError(f"Unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CogniError(f"Device {name!r} was asked for but CUDA is not available here; use --device cpu.")
+    return device
+
+
+def supports_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type in ("cpu", "mps")
+
+
+def supports_fp16(device: torch.device) -> bool:
+    return device.type in ("cuda", "mps")
+
+
+def attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The fastest SDPA kernel that accepts causal attention of this shape on this device."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q = torch.randn(1, 2, 16, head_dim, device=device, dtype=dtype)
+    for backend, label in ((SDPBackend.FLASH_ATTENTION, "flash"),
+                           (SDPBackend.EFFICIENT_ATTENTION, "memory-efficient"),
+                           (SDPBackend.CUDNN_ATTENTION, "cudnn"),
+                           (SDPBackend.MATH, "math (unfused)")):
+        try:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, q, q, is_causal=True)
+            return label
+        except RuntimeError:
+            continue
+    return "none"
