@@ -1,0 +1,307 @@
+"""Sampling and the KV-cache decode loop.
+
+The engine knows token ids only. It is built from small pure steps, each testable alone:
+logits processing (repetition penalty, temperature, top-k, top-p, min-p) -> probabilities ->
+sample -> prefill the prompt -> decode one token -> decode n tokens (a generator that yields
+each step as it is made). Text enters in one place: `StopStrings` turns ids into safe text
+pieces through a decode function it is given, holding back anything that may begin a stop string.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+
+from .config import GenerationConfig
+from .errors import CogniError
+
+NEG_INF = float("-inf")
+
+
+class ContextOverflowError(CogniError):
+    """A prompt longer than the model's context, when the caller asked for an error instead of trimming."""
+
+
+# --- logits processing (pure functions on (B, V) float logits) -----------------------------------
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty on tokens already present: positive logits are divided by it, negative ones multiplied."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept); the rest become -inf."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the tokens ranked above each one
+    drop_sorted = mass_before >= p  # the top token always has mass_before == 0, so it is always kept
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least min_p times that of the most likely token."""
+    if min_p <= 0.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p * probs.max(dim=-1, keepdim=True).values  # (B, 1)
+    return logits.masked_fill(probs < threshold, NEG_INF)
+
+
+def process_logits(logits: torch.Tensor, settings: GenerationConfig, seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Repetition penalty, then (when sampling) temperature, top-k, top-p and min-p, in Hugging Face's order."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    if settings.temperature == 0:
+        return logits  # greedy: the filters cannot change the argmax
+    logits = logits / settings.temperature
+    if settings.top_k is not None:
+        logits = top_k_filter(logits, settings.top_k)
+    if settings.top_p is not None:
+        logits = top_p_filter(logits, settings.top_p)
+    if settings.min_p is not None:
+        logits = min_p_filter(logits, settings.min_p)
+    return logits
+
+
+def sample(logits: torch.Tensor, settings: GenerationConfig, generator: torch.Generator | None = None,
+           seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token per row, (B, V) logits -> (B,) ids: argmax at temperature 0, otherwise a draw."""
+    logits = process_logits(logits, settings, seen)
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A seeded torch.Generator (same seed -> same samples), or None to use torch's global one."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+# --- prompts --------------------------------------------------------------------------------------
+
+def fit_prompt(ids: Sequence[int], max_seq_len: int, max_new_tokens: int, *, bos_id: int | None = None,
+               on_overflow: str = "warn") -> list[int]:
+    """The prompt ready to prefill: BOS when empty; the most recent tokens when it leaves no room to generate.
+
+    A prompt of max_seq_len tokens or more is cut to leave room for min(max_new_tokens, max_seq_len // 2)
+    new tokens, with a warning, or raises ContextOverflowError when on_overflow == "error".
+    """
+    ids = list(ids)
+    if not ids:
+        if bos_id is None:
+            raise CogniError("The prompt is empty and this tokenizer has no BOS token to start from; give a prompt.")
+        return [bos_id]
+    if len(ids) < max_seq_len:
+        return ids
+    keep = max_seq_len - max(1, min(max_new_tokens, max_seq_len // 2))
+    message = (f"The prompt has {len(ids)} tokens but the model's context holds {max_seq_len}; "
+               f"keeping its most recent {keep} tokens.")
+    if on_overflow == "error":
+        raise ContextOverflowError(f"The prompt has {len(ids)} tokens but the model's context holds {max_seq_len}; "
+                                   "shorten the prompt.")
+    warnings.warn(message, stacklevel=3)
+    return ids[-keep:]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths -> (B, T) ids padded on the left, and (B,) padding counts."""
+    width = max(len(p) for p in prompts)
+    pad = torch.tensor([width - len(p) for p in prompts], dtype=torch.long)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], dtype=torch.long)
+    return ids, pad
+
+
+# --- model steps ----------------------------------------------------------------------------------
+
+def prefill(model, ids: torch.Tensor, cache) -> torch.Tensor:
+    """Run the (B, T) prompt through the model, filling the cache; logits of the last position (B, V)."""
+    return model(ids, cache=cache, last_only=True)[:, -1]
+
+
+def decode_one(model, tokens: torch.Tensor, cache) -> torch.Tensor:
+    """Feed one (B,) token per row; logits of the next position (B, V)."""
+    return model(tokens[:, None], cache=cache, last_only=True)[:, -1]
+
+
+@torch.inference_mode()
+def decode_n(model, prompts: Sequence[Sequence[int]], settings: GenerationConfig | None = None, *,
+             stop_ids: Iterable[int] = (), bos_id: int | None = None, pad_id: int = 0,
+             on_overflow: str = "warn", generator: torch.Generator | None = None) -> Iterator[list[int | None]]:
+    """Generate for a batch of prompts, yielding one list per step with the new token of each row.
+
+    A row that met a stop id (the stop id itself is not yielded) or has finished gets None. The loop
+    ends when every row has stopped, after max_new_tokens, or when the context is full. Rows of
+    different lengths are left-padded; the cache masks the padding so each row computes what it would
+    alone. `generator` defaults to one seeded with settings.seed (None: torch's global generator).
+    """
+    settings = settings or GenerationConfig()
+    if not prompts:
+        return
+    max_seq_len = model.config.max_seq_len
+    device = model.tok_embeddings.weight.device
+    fitted = [fit_prompt(p, max_seq_len, settings.max_new_tokens, bos_id=bos_id, on_overflow=on_overflow)
+              for p in prompts]
+    ids, pad = left_pad(fitted, pad_id)
+    ids, pad = ids.to(device), pad.to(device)
+    B, T = ids.shape
+    if generator is None:
+        generator = make_generator(settings.seed, device)
+    cache = model.new_cache(B, min(max_seq_len, T + settings.max_new_tokens), pad=pad)
+    stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
+    seen = None
+    if settings.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        real = torch.arange(T, device=device)[None, :] >= pad[:, None]  # (B, T): not padding
+        seen.scatter_(1, ids, real)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    logits = prefill(model, ids, cache)
+    for step in range(settings.max_new_tokens):
+        tokens = sample(logits, settings, generator, seen)  # (B,)
+        done |= torch.isin(tokens, stops)
+        tokens = tokens.masked_fill(done, pad_id)  # finished rows are fed padding, never yielded
+        yield [None if d else t for t, d in zip(tokens.tolist(), done.tolist(), strict=True)]
+        if bool(done.all()) or step == settings.max_new_tokens - 1 or cache.length >= cache.max_len:
+            return
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], ~done[:, None])
+        logits = decode_one(model, tokens, cache)
+
+
+class TokenStream:
+    """The new token ids of one prompt, as an iterator; `finish_reason` is "stop" or "length" once it ends."""
+
+    def __init__(self, steps: Iterator[list[int | None]], max_new_tokens: int):
+        self._steps = steps
+        self._max_new_tokens = max_new_tokens
+        self.count = 0
+        self.finish_reason: str | None = None
+
+    def __iter__(self) -> TokenStream:
+        return self
+
+    def __next__(self) -> int:
+        if self.finish_reason is not None:
+            raise StopIteration
+        step = next(self._steps, None)
+        if step is None or step[0] is None:
+            self.finish_reason = "stop" if step is not None else "length"
+            self._steps.close()
+            raise StopIteration
+        self.count += 1
+        return step[0]
+
+    def close(self) -> None:
+        """Stop generating (frees the cache)."""
+        self._steps.close()
+        if self.finish_reason is None:
+            self.finish_reason = "stop"
+
+
+def generate(model, prompt: Sequence[int], settings: GenerationConfig | None = None, **kwargs) -> TokenStream:
+    """New token ids for one prompt, yielded as they are made (the keyword arguments are decode_n's)."""
+    settings = settings or GenerationConfig()
+    return TokenStream(decode_n(model, [prompt], settings, **kwargs), settings.max_new_tokens)
+
+
+def settings_with(base: GenerationConfig, **changes) -> GenerationConfig:
+    """`base` with some sampling settings changed; an unknown name is a CogniError listing the valid ones."""
+    names = [f.name for f in dataclasses.fields(GenerationConfig)]
+    unknown = [k for k in changes if k not in names]
+    if unknown:
+        raise CogniError(f"Unknown generation setting {unknown[0]!r}; valid settings are: {', '.join(names)}.")
+    return dataclasses.replace(base, **changes) if changes else base
+
+
+# --- text -----------------------------------------------------------------------------------------
+
+class StopStrings:
+    """Turns generated ids into text pieces that are safe to show.
+
+    `put(id)` returns the new text that can no longer be part of a stop string: a tail that could
+    begin one is held back, and when one appears the text is cut exactly before it and `stopped`
+    becomes True. A tail decoding to U+FFFD (a character split across tokens) is held back for up to
+    three more tokens. The pieces joined, plus `flush()`, equal `text`.
+    """
+
+    MAX_SPLIT_TOKENS = 3  # a UTF-8 character has at most 4 bytes
+
+    def __init__(self, decode: Callable[[list[int]], str], stop_strings: Iterable[str] = ()):
+        self._decode = decode
+        self._stops = [s for s in stop_strings if s]
+        self._ids: list[int] = []
+        self._full = ""
+        self._emitted = 0  # characters of _full already returned
+        self._split_tokens = 0
+        self.stopped = False
+
+    @property
+    def text(self) -> str:
+        """The text released so far."""
+        return self._full[:self._emitted]
+
+    def put(self, token_id: int) -> str:
+        """Add one id; return the text it releases (may be empty)."""
+        if self.stopped:
+            return ""
+        self._ids.append(token_id)
+        self._full = self._decode(self._ids)
+        if self._full.endswith("\ufffd") and self._split_tokens < self.MAX_SPLIT_TOKENS:
+            self._split_tokens += 1
+            return ""
+        self._split_tokens = 0
+        cut = self._find_stop()
+        if cut is not None:
+            self.stopped = True
+            return self._release(cut)
+        return self._release(len(self._full) - self._held_back())
+
+    def flush(self) -> str:
+        """The rest of the text once generation has ended (nothing is held back any more)."""
+        if self.stopped:
+            return ""
+        cut = self._find_stop()
+        if cut is not None:
+            self.stopped = True
+            return self._release(cut)
+        return self._release(len(self._full))
+
+    def _release(self, end: int) -> str:
+        piece = self._full[self._emitted:end]
+        self._emitted = max(self._emitted, end)
+        return piece
+
+    def _find_stop(self) -> int | None:
+        found = [i for i in (self._full.find(s, self._emitted) for s in self._stops) if i >= 0]
+        return min(found) if found else None
+
+    def _held_back(self) -> int:
+        """Length of the longest unreleased tail that is a proper prefix of some stop string."""
+        tail = self._full[self._emitted:]
+        for n in range(min(len(tail), max((len(s) for s in self._stops), default=1) - 1), 0, -1):
+            if any(s.startswith(tail[-n:]) for s in self._stops):
+                return n
+        return 0
