@@ -2,7 +2,9 @@
 
 Layout: every document is followed by one EOS token (doc EOS doc EOS ...), so EOS always marks the
 end of a document and a window may cross documents the way the model will read them. Tokens are
-uint16 when the vocabulary fits (<= 65,536 ids), else uint32.
+uint16 when the vocabulary fits (<= 65,536 ids), else uint32. Documents are encoded with the
+tokenizer's default `encode_batch`, so literal special-token text (e.g. a chat corpus written in the
+chat template) becomes the special ids, as the chat template expects.
 
 The split is by document: a document goes to val when a keyed hash of its text (key = seed) falls
 below `val_fraction`, so it is fixed by seed, independent of chunking and of the order of the other

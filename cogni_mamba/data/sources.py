@@ -1,16 +1,6 @@
 """Document sources: each one yields the documents (strings) of a corpus, one at a time.
 
-A source is named on the command line by a spec (see `SOURCE_SPEC_HELP`):
-
-    tinystories                    the hub dataset roneneldan/TinyStories (train + validation)
-    tinystories:PATH               a local TinyStories .txt (stories split on <|endoftext|>), .jsonl or
-                                   .parquet with a `text` field, or a folder of these
-    codesearchnet                  the hub CodeSearchNet Python subset
-    codesearchnet:PATH             local CodeSearchNet .jsonl / .jsonl.gz files (original schema) or a folder
-    files:PATH  (or just PATH)     local .txt (one document per file, or split on --separator),
-                                   .jsonl / .jsonl.gz / .parquet (text in --field), or a folder of these
-    hub:NAME[:CONFIG]              any hub dataset with a text field (--field), all of its splits
-    KIND[:ARG]                     a kind added with `register_source` (the built-in demo corpus)
+A source is named on the command line by a spec; `SOURCE_SPEC_HELP` lists the forms.
 
 Decisions: bytes that are not valid UTF-8 are replaced by U+FFFD and counted (`replaced` in
 meta.json), so one bad byte never stops a long run; documents that are empty or whitespace only are
@@ -35,7 +25,17 @@ TINYSTORIES_SEPARATOR = "<|endoftext|>"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 _REPLACEMENT = "\ufffd".encode()
 
-SOURCE_SPEC_HELP = __doc__.split("\n\n")[1]
+SOURCE_SPEC_HELP = """\
+    tinystories                    the hub dataset roneneldan/TinyStories (train + validation)
+    tinystories:PATH               a local TinyStories .txt (stories split on <|endoftext|>), .jsonl or
+                                   .parquet with a `text` field, or a folder of these
+    codesearchnet                  the hub CodeSearchNet Python subset
+    codesearchnet:PATH             local CodeSearchNet .jsonl / .jsonl.gz files (original schema) or a folder
+    files:PATH  (or just PATH)     local .txt (one document per file, or split on --separator),
+                                   .jsonl / .jsonl.gz / .parquet (text in --field), or a folder of these
+    hub:NAME[:CONFIG]              any hub dataset with a text field (--field), all of its splits
+    KIND[:ARG]                     a kind added with `register_source` (the built-in demo corpus)
+"""
 
 
 class SourceError(CogniError):
