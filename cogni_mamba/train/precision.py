@@ -1,0 +1,50 @@
+"""Mixed precision: resolve `auto`, build the autocast context and (for fp16) the GradScaler."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..errors import CogniError
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """The concrete precision for `name` on `device`: bf16, fp16 or fp32.
+
+    `auto` picks bf16 on CUDA GPUs that support it (Ampere and newer) and fp16 + loss scaling on
+    older ones. On the CPU it picks bf16 where oneDNN has native bf16 kernels (AVX512-BF16 / AMX)
+    and fp32 elsewhere: on a 2-core AMD EPYC with AVX512-BF16, the nano preset's training step
+    (batch 16 x 256) ran at 3,063 tok/s in bf16 against 2,376 tok/s in fp32 (1.29x). Without
+    those instructions oneDNN emulates bf16, so fp32 is the safe choice there.
+    """
+    if name == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if _cpu_has_bf16() else "fp32"
+    if name == "fp16" and device.type != "cuda":
+        raise CogniError("Precision fp16 needs a CUDA GPU (loss scaling is CUDA-only here); "
+                         "use --precision bf16 or fp32 on this device.")
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise CogniError("This GPU does not support bf16; use --precision fp16 (or auto).")
+    return name
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private probe; absent in some builds
+        return False
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward-pass context: autocast to bf16/fp16, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """A GradScaler that is active only for fp16 (bf16 and fp32 have the range to go without)."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
