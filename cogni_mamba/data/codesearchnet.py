@@ -17,6 +17,7 @@ import ast
 import inspect
 import re
 import textwrap
+import warnings
 
 # A triple-quoted literal on its own statement line (the docstring), for code `ast` cannot parse
 # (CodeSearchNet holds Python 2 functions too).
@@ -26,7 +27,9 @@ _DOCSTRING_RE = re.compile(r'^[ \t]*[rRuUbB]{0,2}("""|\'\'\')(?:.|\n)*?\1[ \t]*(
 def _remove_docstring_ast(code: str) -> str | None:
     """The code without its docstring's lines, or None when it does not parse as one function."""
     try:
-        tree = ast.parse(code)
+        with warnings.catch_warnings():  # old code has invalid escapes; that is the data, not our problem
+            warnings.simplefilter("ignore")
+            tree = ast.parse(code)
     except SyntaxError:
         return None
     if len(tree.body) != 1 or not isinstance(tree.body[0], ast.FunctionDef | ast.AsyncFunctionDef):

@@ -245,7 +245,7 @@ def _offline_error(name: str, local_hint: str, cause: Exception) -> SourceError:
     return SourceError(
         f"Could not load {name} from the Hugging Face hub (offline or unreachable: "
         f"{type(cause).__name__}); download it elsewhere and pass the local files instead, "
-        f"e.g. --source {local_hint}.")
+        f"e.g. --source {local_hint} (a copy already in the cache loads with HF_HUB_OFFLINE=1).")
 
 
 def load_hub(name: str, config: str | None, local_hint: str, **kwargs):
@@ -264,25 +264,37 @@ def load_hub(name: str, config: str | None, local_hint: str, **kwargs):
 
 def hub_source(name: str, config: str | None, to_doc: Callable[[dict], str], *, local_hint: str,
                columns: list[str], **kwargs) -> Source:
-    """Every split of a hub dataset, in split-name order; `to_doc` turns a row into a document."""
+    """Every split of a hub dataset, in split-name order; `to_doc` turns a row into a document.
+
+    The dataset is downloaded (or found in the cache) here, so an offline hub fails before any work.
+    """
+    splits = {k: v.select_columns(columns) for k, v in _checked_splits(name, config, local_hint, columns,
+                                                                         **kwargs).items()}
 
     def read(stats: ReadStats) -> Iterator[str]:
-        splits = load_hub(name, config, local_hint, **kwargs)
         for split in sorted(splits):
-            ds = splits[split]
-            missing = [c for c in columns if c not in ds.column_names]
-            if missing:
-                raise SourceError(f"{name} split {split!r} has no field {missing[0]!r} "
-                                  f"(fields: {', '.join(ds.column_names)}); pass the right one with --field.")
-            for row in ds.select_columns(columns).iter(batch_size=1000):
-                for values in zip(*(row[c] for c in columns), strict=True):
+            for batch in splits[split].iter(batch_size=1000):
+                for values in zip(*(batch[c] for c in columns), strict=True):
                     doc = to_doc(dict(zip(columns, values, strict=True))).strip()
                     stats.advance(len(doc.encode()))
                     if _keep(doc, stats):
                         yield doc
 
-    key = ("hub", name, config, tuple(columns), tuple(sorted(kwargs.items())))
-    return Source(f"hub:{name}" + (f":{config}" if config else ""), key, read)
+    # The datasets fingerprint changes with the data, so a new hub revision re-prepares.
+    key = ("hub", name, config, tuple(columns), tuple(sorted(kwargs.items())),
+           tuple((k, v._fingerprint) for k, v in sorted(splits.items())))
+    total = sum(v.data.nbytes for v in splits.values())  # about the text's size, for the ETA
+    return Source(f"hub:{name}" + (f":{config}" if config else ""), key, read, total)
+
+
+def _checked_splits(name: str, config: str | None, local_hint: str, columns: list[str], **kwargs) -> dict:
+    splits = load_hub(name, config, local_hint, **kwargs)
+    for split, ds in splits.items():
+        missing = [c for c in columns if c not in ds.column_names]
+        if missing:
+            raise SourceError(f"{name} split {split!r} has no field {missing[0]!r} "
+                              f"(fields: {', '.join(ds.column_names)}); pass the right one with --field.")
+    return dict(splits)
 
 
 # --- the registry -----------------------------------------------------------------------------
