@@ -55,11 +55,10 @@ class Rotary(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (L, D): half-split layout, as in HF Llama
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for integer positions of shape (T,) or (B, T)."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > self.cos.shape[0]:
-            self._extend(max(needed, 2 * self.cos.shape[0]))
+    def forward(self, positions: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for integer positions (T,) or (B, T), all below `end` (given, to avoid a device sync)."""
+        if end > self.cos.shape[0]:
+            self._extend(max(end, 2 * self.cos.shape[0]))
         return self.cos[positions], self.sin[positions]
 
 
@@ -221,10 +220,10 @@ class CogniMamba(nn.Module):
         if cache is not None:
             if cache.length + T > cache.max_len:
                 raise ValueError(f"KV cache holds {cache.max_len} tokens; cannot add {T} to {cache.length}.")
-            positions, mask = cache.positions(T), cache.mask(T)
+            positions, mask, end = cache.positions(T), cache.mask(T), cache.length + T
         else:
-            positions, mask = torch.arange(T, device=input_ids.device), None
-        cos, sin = self.rotary(positions)
+            positions, mask, end = torch.arange(T, device=input_ids.device), None, T
+        cos, sin = self.rotary(positions, end)
         x = self.tok_embeddings(input_ids)  # (B, T, dim)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)

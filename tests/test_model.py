@@ -103,7 +103,7 @@ def _attention_io(model, x):
 
     attn = model.layers[0].attention
     B, T, _ = x.shape
-    cos, sin = model.rotary(torch.arange(T))
+    cos, sin = model.rotary(torch.arange(T), T)
     q = apply_rotary(attn.wq(x).view(B, T, attn.n_heads, -1).transpose(1, 2), cos, sin)
     k = apply_rotary(attn.wk(x).view(B, T, attn.n_kv_heads, -1).transpose(1, 2), cos, sin)
     v = attn.wv(x).view(B, T, attn.n_kv_heads, -1).transpose(1, 2)
