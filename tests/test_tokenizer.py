@@ -288,10 +288,11 @@ def test_saved_file_is_a_standard_tokenizer_json(gpt2, tmp_path, stories):
     assert ref.encode(text, add_special_tokens=False) == gpt2.encode(text)
 
 
-def test_checkpoint_folder_and_file_paths_load(gpt2, tmp_path):
+def test_checkpoint_folder_and_file_paths_load(gpt2, data, tmp_path):
     gpt2.save(tmp_path / "ckpt" / "tokenizer")
     assert load_tokenizer(tmp_path / "ckpt").fingerprint == gpt2.fingerprint
     assert load_tokenizer(tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").encode("Hello world") == [15496, 995]
+    assert load_tokenizer(data / "gpt2" / "vocab.json").fingerprint == gpt2.fingerprint
 
 
 def test_pickles_for_dataloader_workers(gpt2):
@@ -433,11 +434,13 @@ def stream(tok, ids, **kw) -> list[str]:
 
 
 @FAST
-@given(ids=st.lists(st.integers(0, 50303), max_size=60))
-def test_stream_of_random_gpt2_ids_equals_full_decode(gpt2, ids):
-    pieces = stream(gpt2, ids)
-    assert "".join(pieces) == gpt2.decode(ids)
-    assert "".join(stream(gpt2, ids, skip_special=True)) == gpt2.decode(ids, skip_special=True)
+@given(fractions=st.lists(st.floats(0, 1, exclude_max=True), max_size=60))
+def test_stream_of_random_ids_equals_full_decode(any_tok, fractions):
+    ids = [int(f * any_tok.vocab_size) for f in fractions]  # any id, vocabulary padding rows included
+    pieces = stream(any_tok, ids)
+    assert "".join(pieces) == any_tok.decode(ids)
+    assert sum(p.count("\ufffd") for p in pieces) == any_tok.decode(ids).count("\ufffd")
+    assert "".join(stream(any_tok, ids, skip_special=True)) == any_tok.decode(ids, skip_special=True)
 
 
 @pytest.fixture(scope="module")
@@ -470,3 +473,19 @@ def test_stream_holds_back_half_characters(gpt2):
     dec.put(ids[0])
     assert dec.flush() == "\ufffd" == gpt2.decode(ids[:1])
     assert dec.put(15496) == "Hello"  # a flushed decoder starts afresh
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+def test_cli_trains_and_reports_compression(tmp_path, stories, capsys):
+    from cogni_mamba.cli import main
+
+    (tmp_path / "c.txt").write_text(stories[:200_000], encoding="utf-8")
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "c.txt"), "--vocab-size", "384", "--out", str(out),
+                 "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "bytes per token" in printed and load_tokenizer(out).real_vocab_size == 384
+    assert main(["tokenizer", "train", "--data", str(tmp_path / "none.txt"), "--vocab-size", "384",
+                 "--out", str(out), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("error: Corpus file")

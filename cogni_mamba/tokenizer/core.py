@@ -144,7 +144,8 @@ class Tokenizer:
     def encode_batch(self, texts: Iterable[str], *, special: bool = True) -> list[list[int]]:
         """`encode` of many texts at once, in parallel on all cores (Rust threads)."""
         hf = self._hf if special else self._hf_plain
-        return [e.ids for e in hf.encode_batch_fast(list(texts), add_special_tokens=False)]
+        batch = getattr(hf, "encode_batch_fast", hf.encode_batch)  # _fast (no offsets) needs tokenizers >= 0.21
+        return [e.ids for e in batch(list(texts), add_special_tokens=False)]
 
     # --- decoding ---------------------------------------------------------------------------------
 

@@ -39,6 +39,8 @@ def load_tokenizer(path_or_name: str | os.PathLike | Tokenizer) -> Tokenizer:
 
 def load_from_path(path: Path) -> Tokenizer:
     """Load from a directory (ours, GPT-2 files, or a checkpoint with a tokenizer/ folder) or a .json file."""
+    if path.is_file() and path.name in ("vocab.json", "merges.txt"):
+        return load_from_path(path.parent)
     if path.is_file():
         if path.suffix != ".json":
             raise CogniError(f"{path} is not a tokenizer: pass its directory or a tokenizer.json file.")
