@@ -1,0 +1,327 @@
+"""Shared pieces of the training benchmarks.
+
+- `TrainStep`: one optimizer step on synthetic tokens (AdamW with the trainer's decay groups, autocast
+  bf16/fp16 or fp32, GradScaler for fp16, gradient clipping, optional `torch.compile`), so the
+  benchmarks need no data files and work for our model and for transformers' Llama alike.
+- `alternate` / `median`: time several candidates in turns, so load on a shared machine hits all alike.
+- `RunSpec` / `measure` / `run_isolated`: one configuration measured in a fresh process, because a
+  process's peak RSS only grows (on CUDA `max_memory_allocated` is reset instead, so GPU runs can stay
+  in one process). `python benchmarks/common.py '<RunSpec as JSON>'` is that worker.
+- `naive_attention`: the plain matmul-softmax attention that the ablation compares SDPA against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` without an installed package
+    sys.path.insert(0, str(REPO))
+
+from cogni_mamba import model as model_module  # noqa: E402
+from cogni_mamba.config import ModelConfig, preset  # noqa: E402
+from cogni_mamba.model import IGNORE_INDEX, CogniMamba  # noqa: E402
+from cogni_mamba.train.optim import param_groups  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# --- the training step ---------------------------------------------------------------------------
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast to bf16/fp16, or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
+
+
+def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the trainer's groups (decay on matrices): fused kernel on CUDA, foreach elsewhere."""
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=fused or None,
+                             foreach=None if fused else True)
+
+
+def ours_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model(x, y)[1]
+
+
+def hf_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    # transformers shifts `labels` itself and ignores the last position: labels=x scores the same
+    # T-1 next-token pairs as our (x, y) with y's last entry set to -100 (see `synthetic_batch`).
+    return model(input_ids=x, labels=x).loss
+
+
+def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, device: torch.device):
+    """Random tokens x (B, T) and next-token targets y (B, T), last target ignored as in transformers."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=g)
+    y = torch.cat((ids[:, 1:], torch.full((batch, 1), IGNORE_INDEX)), dim=1)
+    return ids.to(device), y.to(device)
+
+
+class TrainStep:
+    """`step(micro_batches)`: forward/backward on each, then one clipped AdamW update; returns the mean loss."""
+
+    def __init__(self, model: torch.nn.Module, precision: str, device: torch.device, *,
+                 loss_fn: Callable = ours_loss, compile: bool = False):
+        self.model, self.precision, self.device, self.loss_fn = model, precision, device, loss_fn
+        self.forward = torch.compile(model) if compile else model
+        self.optimizer = make_optimizer(model, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        n = len(micro_batches)
+        total = 0.0
+        for x, y in micro_batches:
+            with autocast(self.precision, self.device):
+                loss = self.loss_fn(self.forward, x, y)
+            self.scaler.scale(loss / n).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total) / n  # float() waits for the device, so a timed step is a whole step
+
+
+# --- timing --------------------------------------------------------------------------------------
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds for one call of `fn`, the device drained before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def alternate(candidates: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, list]:
+    """Time each candidate `repeats` times in turns (A B A B ...), so slow phases of a loaded machine
+    land on all of them; the order flips every round to cancel any first-mover effect."""
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    names = list(candidates)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(timed(candidates[name], device))
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+# --- plain attention for the SDPA ablation ------------------------------------------------------
+
+def naive_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """softmax(q k^T / sqrt(D) + mask) v with the (T, S) score matrix materialised, as before fused kernels.
+
+    Same signature and maths as `F.scaled_dot_product_attention` for what our model passes it.
+    """
+    D, T, S = q.shape[-1], q.shape[-2], k.shape[-2]
+    if enable_gqa and k.shape[1] != q.shape[1]:
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, H, S, D)
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(D))  # (B, H, T, S)
+    if is_causal:
+        keep = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v  # (B, H, T, D)
+
+
+@contextlib.contextmanager
+def attention_impl(name: str):
+    """Inside the block, our model's attention uses `name` ("sdpa" or "naive"); nothing else is touched.
+
+    The model calls `F.scaled_dot_product_attention` through its module's `F`; we swap that one name
+    for a namespace that forwards every other attribute to torch.nn.functional.
+    """
+    if name == "sdpa":
+        yield
+        return
+    shim = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F) if not k.startswith("__")})
+    shim.scaled_dot_product_attention = naive_attention
+    saved = model_module.F
+    model_module.F = shim
+    try:
+        yield
+    finally:
+        model_module.F = saved
+
+
+# --- one measured configuration -----------------------------------------------------------------
+
+@dataclass
+class RunSpec:
+    """One configuration to measure: model, technique switches, shape and how long to run."""
+
+    preset: str = "nano"
+    changes: dict = field(default_factory=dict)  # ModelConfig fields to change (n_kv_heads, tie_embeddings)
+    precision: str = "bf16"
+    attention: str = "sdpa"
+    batch: int = 4
+    seq_len: int = 256
+    accum: int = 1
+    compile: bool = False
+    mode: str = "train"  # "train" or "decode"
+    steps: int = 3
+    warmup: int = 1
+    new_tokens: int = 32  # decode mode
+    device: str = "cpu"
+    threads: int = 0  # 0: torch's default
+
+
+def model_config(spec: RunSpec) -> ModelConfig:
+    cfg = preset(spec.preset).model
+    changes = dict(spec.changes)
+    if spec.seq_len > cfg.max_seq_len:
+        changes["max_seq_len"] = spec.seq_len
+    return dataclasses.replace(cfg, **changes)
+
+
+def rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _train(spec: RunSpec, model: CogniMamba, device: torch.device) -> dict:
+    step = TrainStep(model, spec.precision, device, compile=spec.compile)
+    vocab = model.config.vocab_size
+    batches = [synthetic_batch(vocab, spec.batch, spec.seq_len, seed=i, device=device) for i in range(spec.accum)]
+    first = timed(lambda: step(batches), device)  # includes compilation when compiling
+    for _ in range(spec.warmup - 1):
+        step(batches)
+    times = [timed(lambda: step(batches), device) for _ in range(spec.steps)]
+    t = median(times)
+    return {"step_s": t, "tokens_per_s": spec.batch * spec.seq_len * spec.accum / t, "first_step_s": first,
+            "step_times": times}
+
+
+@torch.inference_mode()
+def _decode(spec: RunSpec, model: CogniMamba, device: torch.device) -> dict:
+    model = model.to(DTYPES[spec.precision]).eval()
+    prompt = synthetic_batch(model.config.vocab_size, spec.batch, spec.seq_len, 0, device)[0]
+    cache = model.new_cache(spec.batch, spec.seq_len + spec.new_tokens)
+
+    def run() -> None:
+        cache.length = 0
+        nxt = model(prompt, cache=cache, last_only=True).argmax(-1)  # (B, 1)
+        for _ in range(spec.new_tokens - 1):
+            nxt = model(nxt, cache=cache, last_only=True).argmax(-1)
+
+    for _ in range(spec.warmup):
+        run()
+    times = [timed(run, device) for _ in range(spec.steps)]
+    t = median(times)
+    return {"step_s": t, "tokens_per_s": spec.batch * spec.new_tokens / t, "kv_cache_bytes": cache.nbytes()}
+
+
+def measure(spec: RunSpec) -> dict:
+    """Build the model fresh and run `spec`; peak memory is the device's peak (CUDA) or peak RSS."""
+    device = torch.device(spec.device)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
+    torch.manual_seed(0)
+    model = CogniMamba(model_config(spec)).to(device)
+    with attention_impl(spec.attention):
+        out = (_train if spec.mode == "train" else _decode)(spec, model, device)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss_bytes()
+    out.update(params=model.num_parameters(), peak_bytes=peak - base, base_bytes=base)
+    del model
+    return out
+
+
+def run_isolated(spec: RunSpec, timeout: float = 1800) -> dict:
+    """`measure(spec)` in a fresh Python process (its own peak RSS); returns its result."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), json.dumps(dataclasses.asdict(spec))],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed for {spec}:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_all(specs: dict[str, RunSpec], repeats: int, isolate: bool) -> dict[str, list[dict]]:
+    """Measure every spec `repeats` times, in turns (reversed on odd rounds); isolated runs use subprocesses."""
+    results: dict[str, list[dict]] = {name: [] for name in specs}
+    names = list(specs)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            results[name].append(run_isolated(specs[name]) if isolate else measure(specs[name]))
+    return results
+
+
+def summarise(runs: list[dict]) -> dict:
+    """Median tokens/s and peak memory over repeated runs of one spec."""
+    return {"tokens_per_s": median([r["tokens_per_s"] for r in runs]),
+            "peak_bytes": median([r["peak_bytes"] for r in runs]),
+            **{k: runs[0][k] for k in ("params", "kv_cache_bytes", "first_step_s") if k in runs[0]}}
+
+
+# --- reporting -----------------------------------------------------------------------------------
+
+def machine() -> str:
+    """One line naming the device, threads and software, for the tables' captions."""
+    if torch.cuda.is_available():
+        dev = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    else:
+        dev = f"CPU {platform.processor() or platform.machine()} {_cpu_model()}, {os.cpu_count()} cores"
+    return (f"{dev}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"Python {platform.python_version()}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB" if math.isfinite(n) else "nan"
+
+
+if __name__ == "__main__":  # the isolated worker: one RunSpec in, one JSON line out
+    result = measure(RunSpec(**json.loads(sys.argv[1])))
+    print(json.dumps(result))

@@ -1,0 +1,141 @@
+"""Training throughput: our training step against transformers' LlamaForCausalLM on the same weights.
+
+Both models get the identical config and weights (a plain key map), the same synthetic batch, the
+same precision and the same optimizer step (`common.TrainStep`: AdamW foreach/fused, autocast,
+gradient clipping). transformers uses its SDPA attention. Before timing, the two losses are checked
+to agree, so the same maths is timed. Steps alternate between the two models (A B B A ...), and the
+medians give tokens/s and the ratio.
+
+    .venv/bin/python benchmarks/train_throughput.py                  # nano and tiny, fp32 and bf16
+    .venv/bin/python benchmarks/train_throughput.py --quick          # CI size: nano, few steps
+    .venv/bin/python benchmarks/train_throughput.py --presets medium --precisions bf16 fp16 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import time
+
+import torch
+from common import (
+    RunSpec,
+    TrainStep,
+    alternate,
+    hf_loss,
+    machine,
+    markdown_table,
+    median,
+    model_config,
+    synthetic_batch,
+)
+
+from cogni_mamba.model import CogniMamba
+
+HF_NAMES = [
+    (r"^tok_embeddings\.", "model.embed_tokens."),
+    (r"^layers\.(\d+)\.attention\.wq\.", r"model.layers.\1.self_attn.q_proj."),
+    (r"^layers\.(\d+)\.attention\.wk\.", r"model.layers.\1.self_attn.k_proj."),
+    (r"^layers\.(\d+)\.attention\.wv\.", r"model.layers.\1.self_attn.v_proj."),
+    (r"^layers\.(\d+)\.attention\.wo\.", r"model.layers.\1.self_attn.o_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
+    (r"^layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
+    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^norm\.", "model.norm."),
+    (r"^output\.", "lm_head."),
+]
+
+# Which (shape) each preset runs at: the nano preset's own batch; a smaller batch for tiny on a CPU.
+DEFAULT_SHAPES = {"nano": (16, 256), "tiny": (4, 256), "small": (4, 512), "medium": (4, 512), "large": (4, 512)}
+
+
+def to_llama(model: CogniMamba):
+    """A transformers LlamaForCausalLM (SDPA attention) holding the same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    hf_cfg = LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False, use_cache=False,
+    )
+    hf_cfg._attn_implementation = "sdpa"
+    hf = LlamaForCausalLM(hf_cfg).to(model.tok_embeddings.weight.device)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        for pattern, repl in HF_NAMES:
+            name = re.sub(pattern, repl, name)
+        state[name] = tensor.clone()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    return hf.train()
+
+
+def check_same_loss(ours: CogniMamba, hf, batch) -> None:
+    """The two models must compute the same loss on the batch (fp32), or the timing compares different maths."""
+    x, y = batch
+    with torch.no_grad():
+        a, b = ours(x, y)[1], hf_loss(hf, x, y)
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-4):
+        raise SystemExit(f"losses differ: ours {float(a):.6f}, transformers {float(b):.6f}; not timing different maths")
+
+
+def compare(preset_name: str, precision: str, batch: int, seq_len: int, steps: int, device: torch.device,
+            compile: bool) -> dict:
+    """Median tokens/s of both training steps, alternated, plus first-step (compile) times."""
+    torch.manual_seed(0)
+    ours = CogniMamba(model_config(RunSpec(preset=preset_name, seq_len=seq_len))).to(device).train()
+    hf = to_llama(ours)
+    data = synthetic_batch(ours.config.vocab_size, batch, seq_len, seed=1, device=device)
+    check_same_loss(ours, hf, data)
+    steps_ours = TrainStep(ours, precision, device, compile=compile)
+    steps_hf = TrainStep(hf, precision, device, loss_fn=hf_loss, compile=compile)
+    first = {}
+    for name, step in (("ours", steps_ours), ("hf", steps_hf)):
+        t0 = time.perf_counter()
+        step([data])  # warm-up (and compilation)
+        first[name] = time.perf_counter() - t0
+        step([data])
+    times = alternate({"ours": lambda: steps_ours([data]), "hf": lambda: steps_hf([data])}, steps, device)
+    tokens = batch * seq_len
+    return {"ours": tokens / median(times["ours"]), "hf": tokens / median(times["hf"]),
+            "first_ours": first["ours"], "first_hf": first["hf"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--presets", nargs="+", default=["nano", "tiny"])
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--batch", type=int, help="batch size (default: per preset, see DEFAULT_SHAPES)")
+    p.add_argument("--seq-len", type=int, help="sequence length (default: per preset)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per model (alternated)")
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="CI size: nano only, batch 4 x 64, 3 steps")
+    args = p.parse_args()
+    if args.quick:
+        args.presets, args.batch, args.seq_len, args.steps = ["nano"], 4, 64, 3
+    device = torch.device(args.device)
+
+    print(f"machine: {machine()}")
+    print(f"step: AdamW ({'fused' if device.type == 'cuda' else 'foreach'}), clip 1.0, synthetic tokens; "
+          f"{'torch.compile' if args.compile else 'eager'}; median of {args.steps} alternated steps\n")
+    rows = []
+    for name in args.presets:
+        batch, seq = DEFAULT_SHAPES.get(name, (4, 256))
+        batch, seq = args.batch or batch, args.seq_len or seq
+        for precision in args.precisions:
+            r = compare(name, precision, batch, seq, args.steps, device, args.compile)
+            rows.append([name, precision, f"{batch} x {seq}", f"{r['ours']:,.0f}", f"{r['hf']:,.0f}",
+                         f"{r['ours'] / r['hf']:.2f}x", f"{r['first_ours']:.1f} / {r['first_hf']:.1f}"])
+            print(f"  {name} {precision}: ours {r['ours']:,.0f} tok/s, transformers {r['hf']:,.0f} tok/s", flush=True)
+    print()
+    print(markdown_table(["preset", "precision", "batch x seq", "ours tok/s", "transformers tok/s", "ratio",
+                          "first step s (ours / hf)"], rows))
+
+
+if __name__ == "__main__":
+    main()
