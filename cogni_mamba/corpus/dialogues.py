@@ -1,0 +1,200 @@
+"""Chat dialogues for the chat template: greetings, questions about the assistant and about stories,
+story requests (answered with a generated story), simple facts, thanks and goodbyes.
+
+A dialogue is a list of `{"role": ..., "content": ...}` messages (an optional system message, then
+user/assistant turns). `dialogue_text` renders one with the tokenizer's own chat template, so the BPE
+and the model see exactly the text the Chatbot will build at inference.
+
+Every greeting reply opens with a greeting (`is_greeting` checks that), so "answers with a greeting"
+is a measurable property of a model trained on this corpus.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from itertools import pairwise
+
+from ..tokenizer.specials import EOS_TOKEN, render_chat_text
+from . import story_grammar as g
+from .stories import Slots, fill, generate_story, words_of
+
+ASSISTANT_NAME = "Cogni"
+GREETING_WORDS = frozenset({"hello", "hi", "hey", "greetings", "howdy"})
+GREETING_PAIRS = frozenset({("good", "morning"), ("good", "afternoon"), ("good", "evening")})
+
+SYSTEM_PROMPTS = (
+    "You are Cogni, a friendly assistant.",
+    "You are Cogni, a small and friendly language model. You like to tell stories.",
+    "You are a helpful assistant. Answer in short, simple sentences.",
+    "You are Cogni. Be kind and helpful.",
+)
+USER_GREETINGS = ("Hello!", "Hello!", "Hello!", "Hi!", "Hey!", "Hello there!", "Hi there!", "Hello, Cogni!",
+                  "Hi, Cogni!", "Hey, how are you?", "Hello! How are you?", "Good morning!", "Good evening!", "Hi :)")
+GREETING_OPENERS = ("Hello!", "Hi!", "Hey!", "Hello there!", "Hi there!", "Greetings!", "Hello, friend!",
+                    "Hi, it is nice to see you!", "Howdy!")
+GREETING_FOLLOWUPS = ("How can I help you today?", "It is nice to talk to you.", "What would you like to talk about?",
+                      "Do you want to hear a story?", "I am happy to see you.", "How are you today?",
+                      "What can I do for you?", "I am Cogni. How can I help?")
+ABOUT_SELF = (
+    (("What is your name?", "Who are you?", "What are you called?"),
+     ("My name is Cogni. I am a small language model.", "I am Cogni, a small and friendly language model.",
+      "I am called Cogni. I am a language model that likes stories.")),
+    (("What can you do?", "How can you help me?", "What are you good at?"),
+     ("I can tell you stories, answer simple questions, and count with you.",
+      "I can tell stories and talk with you about colours, animals and numbers.")),
+    (("How are you?", "How are you today?", "Are you happy?"),
+     ("I am happy and ready to help. How are you?", "I am very well, thank you for asking!",
+      "I feel great today. Thank you!")),
+    (("Are you a robot?", "Are you a person?", "Are you real?"),
+     ("I am not a person. I am a language model, a computer program that writes text.",
+      "I am a language model. I live inside a computer and I like to talk.")),
+    (("Where do you live?", "Where are you?"),
+     ("I live inside a computer.", "I am a program, so I live inside a computer.")),
+    (("Who made you?", "How were you made?"),
+     ("I was trained on many small stories and chats, one word at a time.",
+      "People trained me with a lot of text, so I learned to write stories and talk.")),
+)
+ABOUT_STORIES = (
+    (("Do you like stories?", "Do you like to tell stories?"),
+     ("Yes! I love stories about friends, animals and adventures.", "Yes, I like stories very much.")),
+    (("What is a story?", "What is in a story?"),
+     ("A story tells what happens to someone. It has a beginning, a middle and an end.",
+      "A story is about characters, a place, a problem, and how the problem is solved.")),
+    (("What is your favourite story?", "Which story do you like best?"),
+     ("I like the story about {hero_intro} who finds {sight}.",
+      "My favourite story is about {hero_intro} and {his} {colour} {object}.")),
+    (("What makes a good friend?", "Why is sharing good?"),
+     ("A good friend is kind, shares, and helps when you are sad.",
+      "Sharing is good because it makes everyone happy.")),
+)
+STORY_REQUESTS = ("Tell me a story.", "Can you tell me a story?", "Please tell me a story.",
+                  "Tell me a story about {topic}.", "Can you tell me a story about {topic}?",
+                  "I want a story about {topic}.")
+STORY_INTROS = ("Sure! Here is a story.", "Of course! Here is a story for you.", "Okay! Here is a story.", "")
+THANKS = ("Thank you!", "Thanks!", "Thank you so much!", "Thanks, that was nice.", "Thank you, Cogni!")
+THANKS_REPLIES = ("You are welcome!", "You are welcome! I am glad I could help.", "Any time!",
+                  "You are very welcome.")
+GOODBYES = ("Bye!", "Goodbye!", "See you later!", "Good night!", "Bye bye, Cogni!")
+GOODBYE_REPLIES = ("Goodbye! Have a nice day.", "Bye! See you soon.", "Goodbye! It was nice to talk to you.",
+                   "Good night! Sleep well.")
+THINGS = (("the sky", "blue"), ("grass", "green"), ("the sun", "yellow"), ("snow", "white"), ("a banana", "yellow"),
+          ("an apple", "red"), ("a carrot", "orange"), ("the night", "black"), ("a frog", "green"),
+          ("a lemon", "yellow"), ("a strawberry", "red"), ("milk", "white"), ("a pig", "pink"), ("coal", "black"),
+          ("chocolate", "brown"), ("a leaf", "green"), ("the sea", "blue"), ("a fire truck", "red"))
+SOUNDS = (("a cow", "moo"), ("a dog", "woof"), ("a cat", "meow"), ("a duck", "quack"), ("a sheep", "baa"),
+          ("a pig", "oink"), ("an owl", "hoot"), ("a lion", "roar"), ("a mouse", "squeak"), ("a frog", "ribbit"))
+OPPOSITES = (("big", "small"), ("hot", "cold"), ("up", "down"), ("day", "night"), ("happy", "sad"),
+             ("fast", "slow"), ("old", "new"), ("wet", "dry"), ("tall", "short"), ("open", "closed"))
+FACT_TEMPLATES = {
+    "colour": (("What colour is {thing}?", "What is the colour of {thing}?"), ("{Thing} is {colour}.",)),
+    "after": (("What comes after {n}?", "What number comes after {n}?"), ("{n1} comes after {n}.",)),
+    "before": (("What comes before {n1}?", "What number comes before {n1}?"), ("{n} comes before {n1}.",)),
+    "plus": (("What is {a} plus {b}?", "What is {a} + {b}?"), ("{a} plus {b} is {c}.",)),
+    "sound": (("What does {animal} say?", "What sound does {animal} make?"), ("{Animal} says {sound}.",)),
+    "opposite": (("What is the opposite of {word}?",), ("The opposite of {word} is {other}.",)),
+}
+
+
+def _pick(rng: random.Random, pair: tuple[tuple[str, ...], tuple[str, ...]], slots: Slots) -> tuple[str, str]:
+    question, answer = pair
+    return fill(rng.choice(question), slots), fill(rng.choice(answer), slots)
+
+
+def greeting(rng: random.Random) -> tuple[str, str]:
+    """A greeting and a reply that opens with a greeting."""
+    user = rng.choice(USER_GREETINGS)
+    opener = user.split("!")[0] + "!" if user.startswith("Good ") else rng.choice(GREETING_OPENERS)
+    return user, f"{opener} {rng.choice(GREETING_FOLLOWUPS)}"
+
+
+def fact(rng: random.Random) -> tuple[str, str]:
+    """A simple fact: colours of things, counting, adding, animal sounds, opposites."""
+    n, a, b = rng.randint(0, 19), rng.randint(0, 10), rng.randint(0, 10)
+    thing, colour = rng.choice(THINGS)
+    animal, sound = rng.choice(SOUNDS)
+    word, other = rng.choice(OPPOSITES)
+    if rng.random() < 0.5:
+        word, other = other, word
+    slots = Slots(thing=thing, colour=colour, n=str(n), n1=str(n + 1), a=str(a), b=str(b), c=str(a + b),
+                  animal=animal, sound=sound, word=word, other=other)
+    return _pick(rng, FACT_TEMPLATES[rng.choice(sorted(FACT_TEMPLATES))], slots)
+
+
+def story_request(rng: random.Random) -> tuple[str, str]:
+    """A request for a story (maybe about a named kind of hero) answered with a generated story."""
+    kind, name = rng.choice(g.ANIMAL_KINDS + ("girl", "boy")), None
+    request = rng.choice(STORY_REQUESTS)
+    if "{topic}" in request:
+        if rng.random() < 0.5:
+            name = rng.choice(g.GIRL_NAMES if kind == "girl" else g.BOY_NAMES if kind == "boy"
+                              else g.GIRL_NAMES + g.BOY_NAMES)
+            topic = f"a {kind} named {name}"
+        else:
+            topic = f"a {kind}"
+        request = request.replace("{topic}", topic)
+    else:
+        kind = None  # an open request: any hero
+    intro = rng.choice(STORY_INTROS)
+    story = generate_story(rng, kind=kind, name=name)
+    return request, f"{intro}\n\n{story}" if intro else story
+
+
+def _about(table: tuple) -> Callable[[random.Random], tuple[str, str]]:
+    def make(rng: random.Random) -> tuple[str, str]:
+        from .stories import story_slots
+
+        return _pick(rng, rng.choice(table), story_slots(rng))
+    return make
+
+
+TOPICS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+    "self": _about(ABOUT_SELF), "stories": _about(ABOUT_STORIES), "story": story_request, "fact": fact,
+}
+TOPIC_WEIGHTS = {"self": 3, "stories": 2, "story": 2, "fact": 4}
+
+
+def generate_dialogue(rng: random.Random) -> list[dict[str, str]]:
+    """One conversation: maybe a system prompt and a greeting, 1-3 topical exchanges, maybe thanks/goodbye."""
+    messages: list[dict[str, str]] = []
+    if rng.random() < 0.3:
+        messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+    exchanges: list[tuple[str, str]] = []
+    if rng.random() < 0.55:
+        exchanges.append(greeting(rng))
+    names = sorted(TOPICS)
+    for _ in range(rng.randint(0 if exchanges else 1, 3)):
+        topic = rng.choices(names, weights=[TOPIC_WEIGHTS[n] for n in names])[0]
+        exchanges.append(TOPICS[topic](rng))
+    if rng.random() < 0.3:
+        exchanges.append((rng.choice(THANKS), rng.choice(THANKS_REPLIES)))
+    if rng.random() < 0.25:
+        exchanges.append((rng.choice(GOODBYES), rng.choice(GOODBYE_REPLIES)))
+    if not exchanges:
+        exchanges.append(greeting(rng))
+    for user, assistant in exchanges:
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+    return messages
+
+
+def dialogues(seed: int) -> Iterator[list[dict[str, str]]]:
+    """An endless, seeded stream of dialogues."""
+    rng = random.Random(f"dialogues:{seed}")
+    while True:
+        yield generate_dialogue(rng)
+
+
+def dialogue_text(messages: list[dict[str, str]]) -> str:
+    """A dialogue as a pretraining document: the chat template's text without its leading BOS.
+
+    `prepare` puts an EOS (= BOS) between documents, so the model sees `<|endoftext|><|user|>...` exactly
+    as the Chatbot's prompt starts; keeping the template's own BOS would double it.
+    """
+    text = render_chat_text(messages)
+    return text[len(EOS_TOKEN):] if text.startswith(EOS_TOKEN) else text
+
+
+def is_greeting(text: str) -> bool:
+    """Whether a reply opens with a greeting: a greeting word or pair among its first three words."""
+    words = words_of(text)[:3]
+    return any(w in GREETING_WORDS for w in words) or any(p in GREETING_PAIRS for p in pairwise(words))
