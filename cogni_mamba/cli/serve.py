@@ -1,0 +1,61 @@
+"""`cogni-mamba serve`: an OpenAI-compatible API and a web chat page for a checkpoint, on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..errors import CogniError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API with a web chat page",
+                       description="Serve a checkpoint: POST /v1/chat/completions and /v1/completions (streaming "
+                                   "or not), GET /v1/models and /health, and a web chat page at /.")
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="a checkpoint directory, or a run directory (its latest checkpoint is served)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 exposes it)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=os.environ.get("COGNI_MAMBA_API_KEY"), metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $COGNI_MAMBA_API_KEY, else none)")
+    p.add_argument("--max-concurrency", type=int, default=4, metavar="N",
+                   help="generations running at once (default 4); more wait in a first-come queue")
+    p.add_argument("--queue-size", type=int, default=32, metavar="N",
+                   help="requests allowed to wait for a slot (default 32); beyond it the server answers 429")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--model-name", default=None, help="the model id /v1/models reports (default: from the path)")
+    p.add_argument("--shutdown-timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="on SIGTERM/Ctrl-C, how long in-flight requests may take to finish (default 120)")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..serve import Engine, create_app
+    except ImportError as e:
+        raise CogniError(f"Serving needs FastAPI and uvicorn ({e.name} is missing); "
+                         "install them with: pip install 'cogni-mamba[serve]'.") from None
+    from ..device import resolve_device
+
+    if not 0 <= args.port <= 65535:
+        raise CogniError(f"--port must be between 0 and 65535, got {args.port}.")
+    if args.max_concurrency < 1 or args.queue_size < 0:
+        raise CogniError("--max-concurrency must be at least 1 and --queue-size at least 0.")
+    if args.host not in LOOPBACK and not args.api_key:
+        print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use "
+              "the model.", file=sys.stderr)
+    engine = Engine.from_checkpoint(args.checkpoint, resolve_device(args.device), name=args.model_name)
+    app = create_app(engine, args.api_key, max_concurrency=args.max_concurrency, queue_size=args.queue_size)
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving {engine.name} (context {engine.max_seq_len} tokens) at http://{shown}:{args.port}/ "
+          f"- chat page at /, API at /v1", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    uvicorn.Server(config).run()
+    return 0
