@@ -1,0 +1,79 @@
+"""`cogni-mamba generate`: one-shot text completion from a checkpoint, streamed to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import GenerationConfig
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Sampling options shared by `generate` and `chat`; unset ones keep the checkpoint's defaults."""
+    g = p.add_argument_group("sampling (defaults: the checkpoint's generation settings)")
+    g.add_argument("--max-new-tokens", type=int, metavar="N")
+    g.add_argument("--temperature", type=float, metavar="T", help="0 = greedy")
+    g.add_argument("--top-k", type=int, metavar="K", help="0 disables top-k")
+    g.add_argument("--top-p", type=float, metavar="P", help="1 disables top-p")
+    g.add_argument("--min-p", type=float, metavar="P", help="0 disables min-p")
+    g.add_argument("--repetition-penalty", type=float, metavar="R", help="1 disables it")
+    g.add_argument("--seed", type=int, help="fixed seed: the same seed gives the same text")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    """The sampling settings given on the command line, as GenerationConfig field values."""
+    changes = {name: getattr(args, name) for name in
+               ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+               if getattr(args, name, None) is not None}
+    if changes.get("top_k") == 0:
+        changes["top_k"] = None
+    return changes
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("generate", help="complete a prompt with a trained checkpoint")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint or run directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
+    p.add_argument("--n", type=int, default=1, metavar="N", help="number of samples, decoded as one batch")
+    p.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt before it")
+    add_sampling_args(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..device import resolve_device
+    from ..errors import CogniError
+    from ..generate import StopStrings, decode_n, settings_with
+    from ..train.checkpoint import load_checkpoint_full
+
+    if args.n < 1:
+        raise CogniError(f"--n must be at least 1, got {args.n}.")
+    model, tok, config = load_checkpoint_full(args.checkpoint, resolve_device(args.device))
+    if tok is None:
+        raise CogniError(f"Checkpoint {args.checkpoint} has no tokenizer/ folder; use one saved by `cogni-mamba train`.")
+    cfg: GenerationConfig = settings_with(config.generation, **sampling_overrides(args))
+    # Documents in the training data follow <|endoftext|>, so a completion starts after one too.
+    prompt = [tok.bos_id, *tok.encode(args.prompt)]
+    texts = [StopStrings(tok.decode, args.stop) for _ in range(args.n)]
+    stream = args.n == 1  # one sample is printed as it is made; several are printed when all are done
+    out = sys.stdout
+    if stream and not args.no_echo:
+        out.write(args.prompt)
+    for step in decode_n(model, [prompt] * args.n, cfg, stop_ids=[tok.eos_id], pad_id=tok.pad_id):
+        for text, token in zip(texts, step, strict=True):
+            piece = text.put(token) if token is not None else ""
+            if stream and piece:
+                out.write(piece)
+                out.flush()
+        if all(t.stopped for t in texts):
+            break
+    for i, text in enumerate(texts):
+        tail = text.flush()
+        if stream:
+            out.write(tail + "\n")
+        else:
+            out.write(f"--- sample {i + 1} ---\n{'' if args.no_echo else args.prompt}{text.text}\n")
+    out.flush()
+    return 0
