@@ -11,7 +11,7 @@ import sys
 from ..errors import CogniError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ("info", "check", "prepare", "tokenizer")
+COMMANDS = ("info", "check", "prepare", "tokenizer", "generate", "chat")
 
 
 def build_parser() -> argparse.ArgumentParser:
