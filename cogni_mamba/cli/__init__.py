@@ -11,7 +11,8 @@ import sys
 from ..errors import CogniError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ("info", "check", "prepare", "tokenizer", "generate", "chat")
+COMMANDS = ("demo", "info", "check", "prepare", "tokenizer", "generate", "chat", "make_chat_data", "finetune", "serve", "eval",
+            "export", "import_hf")
 
 
 def build_parser() -> argparse.ArgumentParser:
