@@ -1,0 +1,230 @@
+"""The OpenAI-compatible server, live on 127.0.0.1 in a subprocess: the official `openai` client
+(streaming and not) against greedy decoding recomputed here without a cache, usage counts from the
+template's closed form, stop strings, seeds, bad requests, 8 concurrent streams and disconnects."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from tests.test_serve_fixtures import (
+    CONTEXT,
+    chat_ids,
+    httpx,
+    live_server,
+    make_tiny_checkpoint,
+    naive_greedy_text,
+    text_ids,
+    wait_for,
+)
+
+openai = pytest.importorskip("openai", reason="the server tests use the official openai client (dev extra)")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("serve") / "run")
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    """One server with the defaults (no key, 4 generations at once) for this module's tests."""
+    with live_server(tiny.path) as s:
+        yield s
+
+
+def client(server, **kwargs):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
+                         timeout=120, **kwargs)
+
+
+def stream_chat(c, **kwargs) -> tuple[str, str | None, dict | None]:
+    """(joined content, finish_reason, usage) of a streamed chat completion."""
+    text, finish, usage = "", None, None
+    for chunk in c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs):
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump(exclude_none=True)
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    return text, finish, usage
+
+
+def test_health_and_models(server):
+    health = server.health()
+    assert health["status"] == "ok" and health["active_generations"] == 0 and health["max_concurrency"] == 4
+    models = client(server).models.list().data
+    assert [m.id for m in models] == ["run/step-1"]  # <run dir>/<checkpoint>
+
+
+def test_chat_greedy_streamed_and_not_equal_the_naive_reference(server, tiny):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there, é!"}]
+    prompt = chat_ids(tiny.specials, messages)
+    expected = naive_greedy_text(tiny.model, prompt, 24)
+    c = client(server)
+
+    whole = c.chat.completions.create(model="any", messages=messages, temperature=0, max_tokens=24)
+    assert whole.choices[0].message.content == expected
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].finish_reason == "length"
+    # Closed form: BOS + per message (role + UTF-8 bytes + end) + the assistant cue.
+    n_prompt = 1 + sum(2 + len(m["content"].encode()) for m in messages) + 1
+    assert whole.usage.prompt_tokens == len(prompt) == n_prompt
+    assert whole.usage.completion_tokens == 24 and whole.usage.total_tokens == n_prompt + 24
+
+    text, finish, usage = stream_chat(c, model="any", messages=messages, temperature=0, max_tokens=24)
+    assert text == expected and finish == "length"
+    assert usage == {"prompt_tokens": n_prompt, "completion_tokens": 24, "total_tokens": n_prompt + 24}
+
+
+def test_text_completions_streamed_and_not(server, tiny):
+    expected = naive_greedy_text(tiny.model, text_ids(tiny.specials, "Once upon"), 20)
+    c = client(server)
+    whole = c.completions.create(model="m", prompt="Once upon", temperature=0, max_tokens=20)
+    assert whole.choices[0].text == expected and whole.choices[0].finish_reason == "length"
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (1 + len("Once upon"), 20)
+    chunks = list(c.completions.create(model="m", prompt="Once upon", temperature=0, max_tokens=20, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_raw_sse_ends_with_done(server):
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events)
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert [c["choices"][0]["finish_reason"] for c in chunks].count("length") == 1
+
+
+@pytest.mark.parametrize("stop", ["single", "list"])
+def test_stop_strings_cut_the_reply(server, tiny, stop):
+    messages = [{"role": "user", "content": "Tell me a story."}]
+    reference = naive_greedy_text(tiny.model, chat_ids(tiny.specials, messages), 40)
+    # A two-character stop string taken from the middle of the reference (no replacement characters).
+    i = next(i for i in range(8, 30) if "\ufffd" not in reference[i:i + 2])
+    word = reference[i:i + 2]
+    stops = word if stop == "single" else ["never appears \u2603", word]
+    expected = reference[:reference.find(word)]
+    c = client(server)
+    whole = c.chat.completions.create(model="m", messages=messages, temperature=0, max_tokens=40, stop=stops)
+    assert whole.choices[0].message.content == expected and whole.choices[0].finish_reason == "stop"
+    assert whole.usage.completion_tokens < 40
+    text, finish, _ = stream_chat(c, model="m", messages=messages, temperature=0, max_tokens=40, stop=stops)
+    assert (text, finish) == (expected, "stop")
+
+
+def test_fixed_seed_sampling_is_reproducible_and_streams_the_same_text(server):
+    c = client(server)
+    kwargs = dict(model="m", messages=[{"role": "user", "content": "Hi"}], temperature=1.0, top_p=0.9,
+                  max_tokens=30)
+    a = c.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
+    b = c.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
+    streamed, _, _ = stream_chat(c, seed=1234, **kwargs)
+    others = {c.chat.completions.create(seed=s, **kwargs).choices[0].message.content for s in (1, 2, 3)}
+    greedy = c.chat.completions.create(**{**kwargs, "temperature": 0}).choices[0].message.content
+    assert a == b == streamed
+    assert len(others | {a}) > 1 and a != greedy  # the seed and the temperature really are used
+
+
+CHAT = "/v1/chat/completions"
+OK_MESSAGES = [{"role": "user", "content": "hi"}]
+BAD_REQUESTS = [
+    ("malformed JSON", CHAT, b'{"messages": [', None),
+    ("not an object", CHAT, b"[1, 2]", None),
+    ("empty body", CHAT, b"", None),
+    ("missing messages", CHAT, {"max_tokens": 5}, "messages"),
+    ("empty messages", CHAT, {"messages": []}, "messages"),
+    ("unknown role", CHAT, {"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ("content not a string", CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ("messages not a list", CHAT, {"messages": "hi"}, "messages"),
+    ("max_tokens a string", CHAT, {"messages": OK_MESSAGES, "max_tokens": "10"}, "max_tokens"),
+    ("max_tokens zero", CHAT, {"messages": OK_MESSAGES, "max_tokens": 0}, "max_tokens"),
+    ("max_tokens negative", CHAT, {"messages": OK_MESSAGES, "max_tokens": -3}, "max_tokens"),
+    ("max_tokens beyond context", CHAT, {"messages": OK_MESSAGES, "max_tokens": CONTEXT + 1}, "max_tokens"),
+    ("prompt + max_tokens beyond context", CHAT, {"messages": OK_MESSAGES, "max_tokens": CONTEXT - 3}, "max_tokens"),
+    ("temperature negative", CHAT, {"messages": OK_MESSAGES, "temperature": -0.1}, "temperature"),
+    ("temperature a string", CHAT, {"messages": OK_MESSAGES, "temperature": "hot"}, "temperature"),
+    ("top_p zero", CHAT, {"messages": OK_MESSAGES, "top_p": 0}, "top_p"),
+    ("top_p above one", CHAT, {"messages": OK_MESSAGES, "top_p": 1.5}, "top_p"),
+    ("stop a number", CHAT, {"messages": OK_MESSAGES, "stop": 7}, "stop"),
+    ("seed a float", CHAT, {"messages": OK_MESSAGES, "seed": 1.5}, "seed"),
+    ("stream a string", CHAT, {"messages": OK_MESSAGES, "stream": "yes"}, "stream"),
+    ("prompt longer than context", CHAT, {"messages": [{"role": "user", "content": "x" * CONTEXT}]}, "messages"),
+    ("completion prompt longer than context", "/v1/completions", {"prompt": "y" * CONTEXT}, "prompt"),
+    ("completion prompt not text", "/v1/completions", {"prompt": {"text": "hi"}}, "prompt"),
+    ("completion max_tokens zero", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+]
+
+
+@pytest.mark.parametrize(("case", "path", "body", "param"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_requests_get_400_naming_the_problem(server, case, path, body, param, stream):
+    if isinstance(body, dict):
+        body = json.dumps({**body, "stream": body.get("stream", stream)}).encode()
+    r = httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == 400, (case, r.text)
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["message"].endswith(".")
+    assert error["param"] == param
+    if param:
+        assert param.split("[")[0].split(".")[-1] in error["message"] or param.split("[")[0] in error["message"]
+    assert server.health()["status"] == "ok"
+
+
+def test_openai_client_sees_400_as_bad_request(server):
+    with pytest.raises(openai.BadRequestError) as info:
+        client(server).chat.completions.create(model="m", messages=OK_MESSAGES, max_tokens=CONTEXT + 10)
+    assert "context" in info.value.message
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape(server):
+    r = httpx.get(server.url + "/v1/nope")
+    assert r.status_code == 404 and "message" in r.json()["error"]
+    r = httpx.get(server.url + CHAT)
+    assert r.status_code == 405 and "message" in r.json()["error"]
+
+
+def test_eight_concurrent_streams_all_complete_correctly(server, tiny):
+    prompts = [f"Question number {i}?" for i in range(8)]
+    expected = [naive_greedy_text(tiny.model, chat_ids(tiny.specials, [{"role": "user", "content": p}]), 16)
+                for p in prompts]
+    results: list = [None] * 8
+    c = client(server)
+
+    def run(i: int) -> None:
+        results[i] = stream_chat(c, model="m", messages=[{"role": "user", "content": prompts[i]}], temperature=0,
+                                 max_tokens=16)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert [r[0] for r in results] == expected
+    assert all(r[1] == "length" and r[2]["completion_tokens"] == 16 for r in results)
+    assert wait_for(lambda: server.health()["active_generations"] == 0, 10)
+
+
+def test_a_disconnect_cancels_the_generation(server):
+    before = server.health()
+    n = CONTEXT - 40
+    body = {"messages": [{"role": "user", "content": "Go on forever."}], "max_tokens": n, "temperature": 0,
+            "stream": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", server.url + CHAT, json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        received = [line for line, _ in zip(lines, range(4), strict=False)]  # a few chunks, then hang up
+    assert len(received) == 4
+    assert wait_for(lambda: server.health()["active_generations"] == 0, 10), "the generation kept running"
+    after = server.health()
+    generated = after["generated_tokens"] - before["generated_tokens"]
+    assert after["completed_requests"] == before["completed_requests"] + 1
+    assert 0 < generated < n

@@ -1,0 +1,177 @@
+"""Server operations: the admission gate's FIFO order (unit), the API key, the full-queue 429 and a
+graceful SIGTERM, each against a live `cogni-mamba serve` subprocess on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import threading
+
+import pytest
+
+from tests.test_serve_fixtures import httpx, live_server, make_tiny_checkpoint, wait_for
+
+openai = pytest.importorskip("openai", reason="the server tests use the official openai client (dev extra)")
+
+KEY = "s3cret-key"
+CHAT = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("serve-ops") / "run")
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny):
+    """A server that wants an API key and runs one generation at a time with one waiting."""
+    with live_server(tiny.path, "--api-key", KEY, "--max-concurrency", "1", "--queue-size", "1") as s:
+        yield s
+
+
+# --- the gate, in process -------------------------------------------------------------------------
+
+def test_gate_admits_in_arrival_order_and_refuses_beyond_the_queue():
+    from cogni_mamba.serve.gate import Gate, ServerBusy
+
+    async def scenario() -> tuple[list[int], bool, int]:
+        gate = Gate(max_running=2, max_waiting=3)
+        admitted: list[int] = []
+        release_one = asyncio.Queue()
+
+        async def request(i: int) -> None:
+            async with gate.slot():
+                admitted.append(i)
+                await release_one.get()
+
+        tasks = []
+        for i in range(5):  # 2 run, 3 wait
+            tasks.append(asyncio.create_task(request(i)))
+            await asyncio.sleep(0)  # let it reach the gate before the next one arrives
+        await asyncio.sleep(0)
+        refused = False
+        try:
+            await gate.acquire()
+        except ServerBusy:
+            refused = True
+        tasks[3].cancel()  # a waiter that leaves (its client disconnected) is skipped
+        for _ in range(4):
+            release_one.put_nowait(None)
+            await asyncio.sleep(0.01)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return admitted, refused, gate.running + gate.waiting
+
+    admitted, refused, left = asyncio.run(scenario())
+    assert admitted == [0, 1, 2, 4]  # first come, first served; 3 left the line
+    assert refused
+    assert left == 0
+
+
+# --- API key --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
+                                     {"Authorization": f"Basic {KEY}"}])
+def test_v1_without_the_key_is_401(keyed, headers):
+    for method, path, body in (("GET", "/v1/models", None), ("POST", CHAT, {"messages": HELLO, "max_tokens": 2}),
+                               ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2})):
+        r = httpx.request(method, keyed.url + path, json=body, headers=headers, timeout=30)
+        assert r.status_code == 401, (path, r.text)
+        assert r.json()["error"]["code"] == "invalid_api_key" and "Bearer" in r.json()["error"]["message"]
+    assert httpx.get(keyed.url + "/health").status_code == 200  # health and the page stay open
+    assert httpx.get(keyed.url + "/").status_code == 200
+
+
+def test_the_openai_client_with_the_key_works_and_without_it_is_refused(keyed):
+    good = openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEY, max_retries=0)
+    reply = good.chat.completions.create(model="m", messages=HELLO, max_tokens=3, temperature=0)
+    assert reply.usage.completion_tokens == 3
+    bad = openai.OpenAI(base_url=keyed.url + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+# --- a full queue ---------------------------------------------------------------------------------
+
+def test_requests_beyond_the_queue_get_429_and_the_queued_one_runs_later(keyed):
+    auth = {"Authorization": f"Bearer {KEY}"}
+    hang_up = threading.Event()
+    results: dict[str, object] = {}
+
+    def long_stream() -> None:  # holds the only slot until told to hang up
+        body = {"messages": HELLO, "max_tokens": 900, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=120) as http, http.stream("POST", keyed.url + CHAT, json=body, headers=auth) as r:
+            for _ in r.iter_lines():
+                if hang_up.is_set():
+                    break
+
+    def queued() -> None:
+        r = httpx.post(keyed.url + CHAT, json={"messages": HELLO, "max_tokens": 5, "temperature": 0},
+                       headers=auth, timeout=120)
+        results["queued"] = (r.status_code, r.json())
+
+    first = threading.Thread(target=long_stream)
+    first.start()
+    try:
+        assert wait_for(lambda: keyed.health()["active_generations"] == 1, 30)
+        second = threading.Thread(target=queued)
+        second.start()
+        assert wait_for(lambda: keyed.health()["queued"] == 1, 30)
+
+        r = httpx.post(keyed.url + CHAT, json={"messages": HELLO, "max_tokens": 5}, headers=auth, timeout=30)
+        assert r.status_code == 429 and r.headers.get("retry-after")
+        assert "busy" in r.json()["error"]["message"] and r.json()["error"]["code"] == "queue_full"
+        with pytest.raises(openai.RateLimitError):
+            openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEY, max_retries=0).chat.completions.create(
+                model="m", messages=HELLO, max_tokens=5)
+    finally:
+        hang_up.set()
+        first.join(timeout=60)
+    second.join(timeout=60)
+    status, body = results["queued"]
+    assert status == 200 and body["usage"]["completion_tokens"] == 5 and body["choices"][0]["finish_reason"] == "length"
+    assert wait_for(lambda: (keyed.health()["active_generations"], keyed.health()["queued"]) == (0, 0), 10)
+
+
+# --- SIGTERM --------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_sigterm_lets_in_flight_requests_finish_then_exits(tiny):
+    n = 900
+    results: dict[str, object] = {}
+    body = {"messages": HELLO, "max_tokens": n, "temperature": 0}
+
+    with live_server(tiny.path) as server:
+        def whole() -> None:
+            r = httpx.post(server.url + CHAT, json=body, timeout=300)
+            results["whole"] = (r.status_code, r.json())
+
+        def streamed() -> None:
+            with httpx.stream("POST", server.url + CHAT, json={**body, "stream": True}, timeout=300) as r:
+                lines = [line for line in r.iter_lines() if line]
+            results["stream"] = (r.status_code, lines)
+
+        threads = [threading.Thread(target=whole), threading.Thread(target=streamed)]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: server.health()["active_generations"] == 2, 30)
+        server.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=300)
+        # uvicorn re-raises the signal once it has shut down, so the exit status is -SIGTERM, as it would
+        # be for a hard kill: the finished replies and the log are what show the shutdown was graceful.
+        assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+
+    status, reply = results["whole"]
+    assert status == 200 and reply["usage"]["completion_tokens"] == n and reply["choices"][0]["finish_reason"] == "length"
+    status, lines = results["stream"]
+    assert status == 200 and lines[-1] == "data: [DONE]"
+    finishes = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines[:-1]]
+    assert finishes[-1] == "length"
+    log = server.output()
+    # uvicorn logs a non-streamed request when its reply is sent: that happened after the shutdown began.
+    assert 'POST /v1/chat/completions HTTP/1.1" 200' in log.split("Shutting down", 1)[1]
+    assert "Application shutdown complete" in log
+    with pytest.raises(httpx.TransportError):
+        httpx.get(server.url + "/health", timeout=5)
