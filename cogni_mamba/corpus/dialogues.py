@@ -24,6 +24,8 @@ GREETING_WORDS = frozenset({"hello", "hi", "hey", "greetings", "howdy"})
 GREETING_PAIRS = frozenset({("good", "morning"), ("good", "afternoon"), ("good", "evening")})
 
 SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",  # the Chatbot's default system prompt, so it is the most common one
+    "You are a helpful assistant.",
     "You are Cogni, a friendly assistant.",
     "You are Cogni, a small and friendly language model. You like to tell stories.",
     "You are a helpful assistant. Answer in short, simple sentences.",
@@ -157,7 +159,7 @@ TOPIC_WEIGHTS = {"self": 3, "stories": 2, "story": 2, "fact": 4}
 def generate_dialogue(rng: random.Random) -> list[dict[str, str]]:
     """One conversation: maybe a system prompt and a greeting, 1-3 topical exchanges, maybe thanks/goodbye."""
     messages: list[dict[str, str]] = []
-    if rng.random() < 0.3:
+    if rng.random() < 0.5:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     exchanges: list[tuple[str, str]] = []
     if rng.random() < 0.55:

@@ -1,0 +1,329 @@
+"""`cogni-mamba demo`: from nothing to a chatting model on a laptop CPU, offline, in minutes.
+
+The real pipeline, step by step, each step reused when a previous run already built it:
+
+    1. corpus      the built-in corpus (stories, dialogues, stdlib code) -> <out>/corpus/corpus.jsonl
+    2. tokenizer   a byte-level BPE of the nano preset's 4,096 tokens trained on it -> <out>/tokenizer/
+    3. shards      `prepare` -> <out>/data/{train,val}.bin
+    4. training    the nano preset with the Trainer, in the time left of the budget -> <out>/run/
+    5. samples     stories from "Once upon a time," and a short scripted chat through the Chatbot
+
+The budget (`minutes`) covers steps 1-4: the training steps are planned from a timing of the first
+few steps so that the learning-rate schedule ends when the budget does, and `train.max_minutes`
+stops it there if the machine turns out slower. The core prints nothing itself: it reports through
+the `say` callback and returns a `DemoReport`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Config, apply_overrides, preset
+from .config import replace as replace_cfg
+from .corpus import CorpusSpec, bpe_text, corpus_items, is_greeting, vocabulary, words_of
+from .errors import CogniError
+
+# The nano preset, tuned for a few CPU minutes (see the report in docs): smaller batches mean more
+# optimizer steps in the budget, which matters more than batch size this early in training.
+DEMO_OVERRIDES = ("train.batch_size=8", "train.lr=3e-3", "train.min_lr=3e-4", "train.warmup_steps=20",
+                  "train.eval_interval=50", "train.eval_batches=8", "train.save_interval=100000",
+                  "train.keep_last=1", "generation.max_new_tokens=200", "generation.temperature=0.8")
+DEFAULT_CORPUS_SIZE = 3_000_000
+STORY_PROMPTS = ("Once upon a time,", "One day, a little", "There once was")
+SCRIPT = ("Hello!", "What is your name?", "Tell me a story about a fox.", "What comes after 4?", "Thank you!")
+VAL_FRACTION = 0.05
+SAMPLE_RESERVE_S = 0  # samples come after the budget; the budget is for building and training
+
+
+@dataclass
+class DemoOptions:
+    """What `cogni-mamba demo` was asked for."""
+
+    minutes: float = 5.0
+    out: str = "runs/demo"
+    seed: int = 0
+    retrain: bool = False
+    corpus_size: int = DEFAULT_CORPUS_SIZE
+    overrides: list[str] = field(default_factory=list)  # extra --set section.field=value
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.minutes > 0:
+            raise CogniError(f"--minutes must be positive, got {self.minutes}.")
+
+
+@dataclass
+class DemoReport:
+    """What the demo measured; saved as <out>/report.json beside the run."""
+
+    initial_val_loss: float
+    final_val_loss: float
+    steps: int
+    tokens_seen: int
+    train_seconds: float
+    build_seconds: float
+    stories: list[str] = field(default_factory=list)
+    conversation: list[dict[str, str]] = field(default_factory=list)
+    reused: bool = False
+
+    @property
+    def drop(self) -> float:
+        """Relative fall of the val loss from its initial value (0.6 = 60% lower)."""
+        return 1.0 - self.final_val_loss / self.initial_val_loss
+
+
+Say = Callable[[str], None]
+
+
+# --- 1. corpus ----------------------------------------------------------------------------------
+
+def _write_atomic(path: Path, write: Callable[[object], None]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def build_corpus(folder: Path, spec: CorpusSpec, say: Say) -> Path:
+    """<folder>/corpus.jsonl with one {"kind", "text"} per document; reused when the spec is unchanged."""
+    path, meta_path = folder / "corpus.jsonl", folder / "corpus.json"
+    meta = {"size": spec.size, "seed": spec.seed, "weights": dict(spec.weights), "key": repr(spec.key())}
+    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+        say(f"corpus: reusing {path}")
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    meta_path.unlink(missing_ok=True)  # the meta is written last, so a half-built corpus is never reused
+    counts: dict[str, int] = {}
+
+    def write(f) -> None:
+        for kind, text in corpus_items(spec):
+            f.write(json.dumps({"kind": kind, "text": text}) + "\n")
+            counts[kind] = counts.get(kind, 0) + 1
+
+    _write_atomic(path, write)
+    _write_atomic(meta_path, lambda f: f.write(json.dumps(meta)))
+    say(f"corpus: {path.stat().st_size / 1e6:.1f} MB, " + ", ".join(f"{n:,} {k}" for k, n in sorted(counts.items())))
+    return path
+
+
+def read_corpus(path: Path) -> list[str]:
+    """The document texts of a corpus.jsonl."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+# --- 2. tokenizer -------------------------------------------------------------------------------
+
+def build_tokenizer(corpus: Path, folder: Path, vocab_size: int, say: Say, progress: bool):
+    """A BPE of `vocab_size` tokens trained on the corpus, reused when built from the same corpus."""
+    from .tokenizer import load_tokenizer, train_bpe
+
+    stamp = {"corpus": (corpus.parent / "corpus.json").read_text(), "vocab_size": vocab_size}
+    stamp_path = folder / "demo.json"
+    if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
+        say(f"tokenizer: reusing {folder}")
+        return load_tokenizer(folder)
+    stamp_path.unlink(missing_ok=True)
+    tok = train_bpe([bpe_text(d) for d in read_corpus(corpus)], vocab_size, folder, progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_atomic(stamp_path, lambda f: f.write(json.dumps(stamp)))
+    report = tok.train_report or {}
+    say(f"tokenizer: {tok.real_vocab_size:,} tokens, {report.get('bytes_per_token', float('nan')):.2f} bytes/token "
+        f"on held-out text -> {folder}")
+    return tok
+
+
+# --- 3. shards ----------------------------------------------------------------------------------
+
+def build_shards(corpus: Path, tokenizer, folder: Path, seed: int, say: Say, progress: bool) -> dict:
+    """Token shards of the corpus (`prepare` itself skips the work when nothing changed)."""
+    from .data import prepare
+    from .data.sources import SourceOptions, files_source
+
+    source = files_source(str(corpus), SourceOptions(field="text"))
+    meta = prepare([source], tokenizer, folder, val_fraction=VAL_FRACTION, seed=seed, progress=progress)
+    splits = meta["splits"]
+    say(f"shards: {'reusing ' if meta['skipped_work'] else ''}{splits['train']['tokens']:,} train and "
+        f"{splits['val']['tokens']:,} val tokens -> {folder}")
+    return meta
+
+
+# --- 4. training --------------------------------------------------------------------------------
+
+def demo_config(options: DemoOptions, out: Path) -> Config:
+    """The nano preset with the demo's settings, pointed at the demo's folders."""
+    cfg = apply_overrides(preset("nano"), [*DEMO_OVERRIDES, *options.overrides])
+    return replace_cfg(cfg, data=replace_cfg(cfg.data, data_dirs=[str(out / "data")], seed=options.seed),
+                       train=replace_cfg(cfg.train, out_dir=str(out / "run"), seed=options.seed),
+                       tokenizer=str(out / "tokenizer"))
+
+
+def seconds_per_step(model, batch: tuple[torch.Tensor, torch.Tensor], cfg: Config, device: torch.device) -> float:
+    """Wall time of one optimizer step, timed on a throwaway copy of the model (one warm-up, two timed)."""
+    from .train.precision import autocast, resolve_precision
+
+    precision = resolve_precision(cfg.train.precision, device)
+    probe = copy.deepcopy(model).to(device).train()
+    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.train.lr)
+    x, y = (t.to(device) for t in batch)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(cfg.train.grad_accum):
+            with autocast(precision, device):
+                _, loss = probe(x, y)
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
+
+
+def plan_steps(budget_s: float, step_s: float, cfg: Config) -> int:
+    """Optimizer steps that fit the budget, counting each evaluation (forward only: ~1/3 of a step each)."""
+    eval_s = cfg.train.eval_batches / 3 * step_s / cfg.train.grad_accum
+    per_step = step_s + eval_s / cfg.train.eval_interval
+    return max(1, int(budget_s / per_step))
+
+
+def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: bool) -> tuple[Config, dict]:
+    """Train the nano model on the shards for `budget_s` seconds; returns the config used and the numbers."""
+    from .data import TokenBatches, fixed_batches
+    from .model import CogniMamba
+    from .train import Trainer
+    from .train.distributed import pick_device
+
+    torch.manual_seed(cfg.train.seed)
+    device = pick_device(None)
+    model_cfg = replace_cfg(cfg.model, vocab_size=tokenizer.vocab_size)
+    model = CogniMamba(model_cfg)
+    dirs, T, B = cfg.data.data_dirs, cfg.data.seq_len, cfg.train.batch_size
+    batches = TokenBatches(dirs, T, B, seed=cfg.data.seed)
+    val = fixed_batches(dirs, T, B, cfg.train.eval_batches)
+    step_s = seconds_per_step(model, val[0], cfg, device)
+    steps = plan_steps(budget_s, step_s, cfg)
+    cfg = replace_cfg(cfg, model=model_cfg, train=replace_cfg(cfg.train, max_steps=steps, max_minutes=budget_s / 60))
+    say(f"training: {model.num_parameters() / 1e6:.1f}M parameters on {device.type}, {B} x {T} tokens per step, "
+        f"{step_s:.2f} s/step -> {steps} steps in {budget_s / 60:.1f} min")
+    trainer = Trainer(model, batches, val, cfg.train, config=cfg, tokenizer=tokenizer, out_dir=cfg.train.out_dir,
+                      device=device, progress=progress, log=say)
+    initial = trainer.evaluate()
+    trainer.metrics.write({"step": 0, "epoch": 0, "val_loss": initial, "val_ppl": math.exp(min(initial, 50.0))})
+    result = trainer.train()
+    final = trainer.evaluate()
+    say(f"training: {result.summary()}")
+    return cfg, {"initial_val_loss": initial, "final_val_loss": final, "steps": result.steps,
+                 "tokens_seen": result.tokens_seen, "train_seconds": result.seconds}
+
+
+# --- 5. samples ---------------------------------------------------------------------------------
+
+def sample_stories(model, tokenizer, settings, n: int = 3, seed: int = 0) -> list[str]:
+    """n stories continued from STORY_PROMPTS, sampled as one batch."""
+    from .generate import decode_n, make_generator
+
+    prompts = [STORY_PROMPTS[i % len(STORY_PROMPTS)] for i in range(n)]
+    ids = [[tokenizer.bos_id, *tokenizer.encode(p, special=False)] for p in prompts]
+    out: list[list[int]] = [[] for _ in prompts]
+    steps = decode_n(model, ids, settings, stop_ids=[tokenizer.eos_id], bos_id=tokenizer.bos_id,
+                     pad_id=tokenizer.pad_id, generator=make_generator(seed))
+    for step in steps:
+        for row, token in enumerate(step):
+            if token is not None:
+                out[row].append(token)
+    return [p + tokenizer.decode(o, skip_special=True) for p, o in zip(prompts, out, strict=True)]
+
+
+def scripted_chat(chatbot, script=SCRIPT, **settings) -> list[dict[str, str]]:
+    """Run a short conversation through the Chatbot; returns its messages (without the system prompt)."""
+    for message in script:
+        chatbot.chat(message, **settings)
+    return [m for m in chatbot.messages if m["role"] != "system"]
+
+
+def greeting_rate(chatbot, n: int = 10, seed: int = 0, temperature: float = 0.8) -> float:
+    """Share of n sampled replies to "Hello!" (each in a fresh conversation) that open with a greeting."""
+    hits = 0
+    for i in range(n):
+        chatbot.reset()
+        hits += is_greeting(chatbot.chat("Hello!", temperature=temperature, seed=seed + i))
+    chatbot.reset()
+    return hits / n
+
+
+def vocabulary_rate(texts: list[str]) -> float:
+    """Share of the words of texts that the story grammar can produce."""
+    words = [w for t in texts for w in words_of(t)]
+    vocab = vocabulary()
+    return sum(w in vocab for w in words) / max(1, len(words))
+
+
+# --- the whole demo -------------------------------------------------------------------------------
+
+def _trained(run: Path, report_path: Path) -> bool:
+    from .train.checkpoint import CheckpointError, find_checkpoint
+
+    try:
+        find_checkpoint(run)
+    except CheckpointError:
+        return False
+    return report_path.is_file()
+
+
+def run_demo(options: DemoOptions, say: Say = print) -> tuple[DemoReport, object]:
+    """Build (or reuse) everything, train (or reuse the checkpoint), sample; returns the report and the Chatbot."""
+    from .chat import Chatbot
+    from .train.checkpoint import load_checkpoint_full
+
+    start = time.time()
+    out = Path(options.out)
+    cfg = demo_config(options, out)
+    corpus = build_corpus(out / "corpus", CorpusSpec(size=options.corpus_size, seed=options.seed), say)
+    tokenizer = build_tokenizer(corpus, out / "tokenizer", cfg.model.vocab_size, say, options.progress)
+    build_shards(corpus, tokenizer, out / "data", options.seed, say, options.progress)
+    report_path = out / "report.json"
+    reused = not options.retrain and _trained(out / "run", report_path)
+    if reused:
+        numbers = json.loads(report_path.read_text())
+        say(f"training: reusing the checkpoint in {out / 'run'} (pass --retrain to train again)")
+    else:
+        if options.retrain and (out / "run").exists():
+            import shutil
+
+            shutil.rmtree(out / "run")  # a fresh run: old step checkpoints and metrics would mix in
+        build_s = time.time() - start
+        budget = options.minutes * 60 - build_s - SAMPLE_RESERVE_S
+        if budget < 10:
+            raise CogniError(f"Building took {build_s:.0f} s of the {options.minutes:g}-minute budget, leaving too "
+                             "little to train; pass a larger --minutes (the build is reused next time).")
+        cfg, numbers = train_model(cfg, tokenizer, budget, say, options.progress)
+        numbers["build_seconds"] = build_s
+        _write_atomic(report_path, lambda f: f.write(json.dumps(numbers, indent=2)))
+    model, tokenizer, run_cfg = load_checkpoint_full(out / "run")
+    report = DemoReport(**{k: numbers[k] for k in ("initial_val_loss", "final_val_loss", "steps", "tokens_seen",
+                                                  "train_seconds", "build_seconds")}, reused=reused)
+    say(f"val loss: {report.initial_val_loss:.3f} -> {report.final_val_loss:.3f} ({report.drop:.0%} lower); "
+        f"checkpoint and loss plot in {out / 'run'}")
+    report.stories = sample_stories(model, tokenizer, run_cfg.generation, seed=options.seed)
+    chatbot = Chatbot(model, tokenizer, run_cfg.generation)
+    report.conversation = scripted_chat(chatbot, seed=options.seed)
+    chatbot.reset()
+    return report, chatbot
+
+
+def report_dict(report: DemoReport) -> dict:
+    """The report as plain JSON-ready data (with the derived drop)."""
+    return {**asdict(report), "drop": report.drop}
