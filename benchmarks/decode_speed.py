@@ -70,6 +70,20 @@ def theirs(hf, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
     return out[:, ids.shape[1]:]
 
 
+def matmul_floor(model, batch: int, new_tokens: int) -> None:
+    """Only the matrix products of decoding (every linear layer and the head, one token per row per step).
+
+    Both implementations do exactly these, so transformers' time divided by this time bounds the
+    ratio any decoder of the same math could reach.
+    """
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, 1, w.shape[1]) for w in weights}
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+
+
 def best_time(fn, repeats: int) -> float:
     fn()  # warm-up
     times = []
@@ -106,7 +120,8 @@ def main() -> None:
     hf = to_llama(model)
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {args.prompt_tokens}-token prompt, "
           f"{args.new_tokens} new tokens, greedy, CPU threads: {torch.get_num_threads()}")
-    print(f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6}")
+    print(f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6}   "
+          f"{'matmuls-only tok/s':>18} {'ratio bound':>11}")
     for batch in args.batch:
         g = torch.Generator().manual_seed(batch)
         prompt = torch.randint(0, model.config.vocab_size, (1, args.prompt_tokens), generator=g).repeat(batch, 1)
@@ -116,8 +131,10 @@ def main() -> None:
             print(f"  note: outputs differ from token {first} (float rounding between implementations)")
         t_ours = best_time(lambda p=prompt: ours(model, p, args.new_tokens), args.repeats)
         t_hf = best_time(lambda p=prompt: theirs(hf, p, args.new_tokens), args.repeats)
+        t_mm = best_time(lambda b=batch: matmul_floor(model, b, args.new_tokens), args.repeats)
         n = batch * args.new_tokens
-        print(f"{batch:>5} {n / t_ours:>11.0f} {n / t_hf:>19.0f} {t_hf / t_ours:>5.2f}x")
+        print(f"{batch:>5} {n / t_ours:>11.0f} {n / t_hf:>19.0f} {t_hf / t_ours:>5.2f}x   "
+              f"{n / t_mm:>18.0f} {t_hf / t_mm:>10.2f}x")
 
 
 if __name__ == "__main__":
