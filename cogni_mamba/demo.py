@@ -214,10 +214,11 @@ def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: boo
     batches = TokenBatches(dirs, T, B, seed=cfg.data.seed)
     val = fixed_batches(dirs, T, B, cfg.train.eval_batches)
     step_s = seconds_per_step(model, val[0], cfg, device)
-    steps = plan_steps(budget_s, step_s, cfg)
+    # An explicit train.max_steps (e.g. a test that wants the same model on any machine) wins over the plan.
+    steps = cfg.train.max_steps or plan_steps(budget_s, step_s, cfg)
     cfg = replace_cfg(cfg, model=model_cfg, train=replace_cfg(cfg.train, max_steps=steps, max_minutes=budget_s / 60))
     say(f"training: {model.num_parameters() / 1e6:.1f}M parameters on {device.type}, {B} x {T} tokens per step, "
-        f"{step_s:.2f} s/step -> {steps} steps in {budget_s / 60:.1f} min")
+        f"{step_s:.2f} s/step -> {steps} steps in at most {budget_s / 60:.1f} min")
     trainer = Trainer(model, batches, val, cfg.train, config=cfg, tokenizer=tokenizer, out_dir=cfg.train.out_dir,
                       device=device, progress=progress, log=say)
     initial = trainer.evaluate()
