@@ -161,8 +161,11 @@ class Terminal:
         import pty
 
         self.pid, self.fd = pty.fork()
-        if self.pid == 0:  # child
-            os.execve(argv[0], argv, ENV)
+        if self.pid == 0:  # child: become the chat, and never fall back into pytest
+            try:
+                os.execve(argv[0], argv, ENV)
+            finally:
+                os._exit(127)
         self.output = b""
 
     def expect(self, needle: bytes, timeout: float = 120.0, start: int = 0) -> int:
