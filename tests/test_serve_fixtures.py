@@ -33,7 +33,7 @@ pytest.importorskip("fastapi", reason="the server tests need the serve extra (fa
 pytest.importorskip("uvicorn", reason="the server tests need the serve extra (fastapi, uvicorn)")
 
 REPO = Path(__file__).resolve().parents[1]
-CONTEXT = 1024
+CONTEXT = 4096  # long enough that a long reply outlasts the checks made while it runs
 STARTUP_TIMEOUT = 90.0
 
 
@@ -79,8 +79,13 @@ def text_ids(specials: dict[str, int], prompt: str) -> list[int]:
 def naive_greedy_text(model: CogniMamba, prompt: list[int], n: int) -> str:
     """Argmax decoding without any cache (the whole sequence each step); the new bytes as UTF-8 text."""
     ids = list(prompt)
-    for _ in range(n):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: extra threads only spin, badly so beside the server process
+    try:
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    finally:
+        torch.set_num_threads(threads)
     new = ids[len(prompt):]
     assert all(t < 256 for t in new), "the tiny model picked a special token (its rows should score 0)"
     return bytes(new).decode("utf-8", errors="replace")
@@ -100,7 +105,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = checkpoint.parent / f"serve-{self.port}.log"
         cmd = [sys.executable, "-m", "cogni_mamba", "serve", "--checkpoint", str(checkpoint),
-               "--port", str(self.port), "--device", "cpu", *extra]
+               "--port", str(self.port), "--device", "cpu", "--threads", "1", *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from tests.test_serve_fixtures import httpx, live_server, make_tiny_checkpoint, wait_for
+from tests.test_serve_fixtures import CONTEXT, httpx, live_server, make_tiny_checkpoint, wait_for
 
 openai = pytest.importorskip("openai", reason="the server tests use the official openai client (dev extra)")
 
@@ -100,7 +100,7 @@ def test_requests_beyond_the_queue_get_429_and_the_queued_one_runs_later(keyed):
     results: dict[str, object] = {}
 
     def long_stream() -> None:  # holds the only slot until told to hang up
-        body = {"messages": HELLO, "max_tokens": 900, "temperature": 0, "stream": True}
+        body = {"messages": HELLO, "max_tokens": CONTEXT - 50, "temperature": 0, "stream": True}
         with httpx.Client(timeout=120) as http, http.stream("POST", keyed.url + CHAT, json=body, headers=auth) as r:
             for _ in r.iter_lines():
                 if hang_up.is_set():

@@ -27,6 +27,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=32, metavar="N",
                    help="requests allowed to wait for a slot (default 32); beyond it the server answers 429")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads torch uses per operation (default: torch's choice); on a CPU with several "
+                        "concurrent generations, cores / max-concurrency avoids oversubscription")
     p.add_argument("--model-name", default=None, help="the model id /v1/models reports (default: from the path)")
     p.add_argument("--shutdown-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, how long in-flight requests may take to finish (default 120)")
@@ -47,6 +50,12 @@ def run(args: argparse.Namespace) -> int:
         raise CogniError(f"--port must be between 0 and 65535, got {args.port}.")
     if args.max_concurrency < 1 or args.queue_size < 0:
         raise CogniError("--max-concurrency must be at least 1 and --queue-size at least 0.")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CogniError(f"--threads must be at least 1, got {args.threads}.")
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.host not in LOOPBACK and not args.api_key:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use "
               "the model.", file=sys.stderr)

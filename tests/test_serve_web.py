@@ -1,0 +1,96 @@
+"""The web chat page at `/`, driven in headless Chromium (Debian's `chromium`) through Playwright:
+type a message, watch the reply stream in, check it against greedy decoding recomputed here, reset."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.test_serve_fixtures import chat_ids, live_server, make_tiny_checkpoint, naive_greedy_text
+
+CHROMIUM = os.environ.get("COGNI_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+if not Path(CHROMIUM).is_file():
+    pytest.skip(f"Chromium is not installed at {CHROMIUM} (Debian: apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the web page test needs Playwright (dev extra)")
+
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+KEY = "page-key"
+N_TOKENS = 120
+
+# Counts every change to the newest reply bubble's text, so the test can see it grow piece by piece.
+WATCH_REPLIES = """
+window.__replyLengths = [];
+new MutationObserver(() => {
+  const replies = document.querySelectorAll('.msg.assistant .content');
+  if (replies.length) window.__replyLengths.push(replies[replies.length - 1].textContent.length);
+}).observe(document.getElementById('log'), {subtree: true, childList: true, characterData: true});
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("serve-web") / "run")
+
+
+@pytest.fixture(scope="module")
+def page(tiny):
+    with live_server(tiny.path, "--api-key", KEY) as server, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(server.url + "/")
+            yield page
+        finally:
+            browser.close()
+
+
+def send(page, text: str) -> str:
+    """Type a message, press Enter, wait for the reply to finish; its text."""
+    page.evaluate("window.__replyLengths = []")
+    page.fill("#input", text)
+    page.press("#input", "Enter")
+    page.wait_for_function("document.getElementById('status').textContent.includes('tokens')")
+    return page.locator(".msg.assistant .content").last.text_content()
+
+
+@pytest.mark.slow
+def test_web_chat_streams_a_reply_uses_the_controls_and_resets(page, tiny):
+    page.evaluate(WATCH_REPLIES)
+    # Without the key the page reports the server's 401 in place of a reply.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", str(N_TOKENS))
+    page.fill("#input", "hello?")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.error")
+    assert "API key" in page.locator(".msg.error").last.text_content()
+
+    page.click("#reset")
+    assert page.locator(".msg").count() == 0
+    page.fill("#api-key", KEY)
+    page.dispatch_event("#api-key", "change")
+    page.fill("#system", "You are terse.")
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi, who are you?"}]
+    reply = send(page, messages[1]["content"])
+
+    expected = naive_greedy_text(tiny.model, chat_ids(tiny.specials, messages), N_TOKENS)
+    assert reply == expected
+    lengths = page.evaluate("window.__replyLengths")
+    grew = sorted({n for n in lengths if 0 < n < len(expected)})
+    assert len(grew) >= 3, f"the reply did not stream in (text lengths seen: {lengths})"
+    assert page.locator("#status").text_content() == f"{N_TOKENS} tokens"
+
+    # A second turn sends the whole history; after a reset only the new message is sent.
+    follow_up = "Tell me more."
+    second = send(page, follow_up)
+    history = [*messages, {"role": "assistant", "content": expected}, {"role": "user", "content": follow_up}]
+    assert second == naive_greedy_text(tiny.model, chat_ids(tiny.specials, history), N_TOKENS)
+
+    page.click("#reset")
+    assert page.locator(".msg").count() == 0
+    fresh = send(page, follow_up)
+    assert fresh == naive_greedy_text(tiny.model, chat_ids(tiny.specials, [messages[0], history[-1]]), N_TOKENS)
