@@ -70,7 +70,7 @@ def plan_max_tokens(prompt_len: int, requested: int | None, param: str, prompt_p
                     context: int, default: int) -> int:
     """How many tokens to generate, or an ApiError when the prompt or the request does not fit the context."""
     if prompt_len >= context:
-        raise ApiError(f"The prompt is {prompt_len} tokens but the model's context holds {context}; "
+        raise ApiError(f"The prompt ({prompt_param}) is {prompt_len} tokens but the model's context holds {context}; "
                        "shorten it.", param=prompt_param, code="context_length_exceeded")
     room = context - prompt_len
     if requested is None:

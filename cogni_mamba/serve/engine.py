@@ -89,7 +89,8 @@ class Engine:
         """
         tokens = generate(self.model, job.prompt, job.settings, stop_ids=job.stop_ids,
                           bos_id=self.tokenizer.bos_id, pad_id=self.tokenizer.pad_id, on_overflow="error")
-        text = StopStrings(self.tokenizer.decode, job.stop_strings)
+        # Special tokens are not shown, as in the Chatbot (a stop id ends the reply before it is decoded anyway).
+        text = StopStrings(lambda ids: self.tokenizer.decode(ids, skip_special=True), job.stop_strings)
         try:
             for token in tokens:
                 job.completion_tokens += 1
