@@ -331,3 +331,43 @@ def test_epoch_best_and_keep_last(tmp_path):
     assert ckpt._marker_step(run / "best") == best_step and result.best_val_loss == best
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 13))
     assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the command --------------------------------------------------------------------------------
+
+def test_cli_trains_on_prepared_data_and_resumes(tmp_path, capsys):
+    from cogni_mamba import load_checkpoint
+    from cogni_mamba.cli import main
+    from cogni_mamba.data import prepare
+    from cogni_mamba.tokenizer import SimpleTokenizer
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"doc{i}.txt").write_text(f"Story {i}: the cat number {i} sat on the mat and purred. " * 8)
+    prepare([str(corpus)], SimpleTokenizer(), tmp_path / "data", val_fraction=0.1, seed=0, progress=False)
+    tiny = ["--set", "model.dim=32", "--set", "model.n_layers=1", "--set", "model.n_heads=4", "--set",
+            "model.n_kv_heads=2", "--set", "model.hidden_dim=64", "--set", "data.seq_len=32", "--set",
+            "train.batch_size=4", "--set", "train.eval_interval=3", "--set", "train.save_interval=3",
+            "--set", "train.eval_batches=2"]
+    run = tmp_path / "run"
+    base = ["train", "--preset", "nano", "--data", str(tmp_path / "data"), "--out", str(run), "--quiet",
+            "--precision", "fp32"]
+    assert main([*base, "--tokenizer", "simple", "--max-steps", "6", *tiny]) == 0
+    assert (run / "latest").read_text().strip() == "step-6"
+    assert main([*base, "--max-steps", "9", "--resume"]) == 0  # config and tokenizer come from the run
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "finished: 9 steps" in out
+    steps = [r["step"] for r in metrics_records(run) if "loss" in r]
+    assert steps == list(range(1, 10))
+    model, tok = load_checkpoint(run)
+    assert tok.fingerprint == SimpleTokenizer().fingerprint and model.config.dim == 32
+
+    assert main(["train", "--preset", "nano", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "No training data given" in capsys.readouterr().err
+
+
+def metrics_records(run: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

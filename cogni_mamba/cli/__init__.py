@@ -11,7 +11,7 @@ import sys
 from ..errors import CogniError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ("demo", "info", "check", "prepare", "tokenizer", "generate", "chat", "make_chat_data", "finetune", "serve", "eval",
+COMMANDS = ("demo", "info", "check", "prepare", "tokenizer", "train", "generate", "chat", "make_chat_data", "finetune", "serve", "eval",
             "export", "import_hf")
 
 

@@ -21,7 +21,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "bf16" if _cpu_has_bf16() else "fp32"
+        if device.type == "cpu":
+            return "bf16" if _cpu_has_bf16() else "fp32"
+        return "fp32"  # other backends (MPS): bf16 support and speed vary too much to pick it blindly
     if name == "fp16" and device.type != "cuda":
         raise CogniError("Precision fp16 needs a CUDA GPU (loss scaling is CUDA-only here); "
                          "use --precision bf16 or fp32 on this device.")

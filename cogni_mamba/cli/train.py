@@ -1,0 +1,125 @@
+"""`cogni-mamba train`: pretrain a model on prepared token shards (single process or under torchrun)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import PRECISIONS
+from .common import add_config_args, config_from_args
+
+EPILOG = """Each step is train.batch_size x train.grad_accum sequences of data.seq_len tokens on every
+process (effective batch = micro batch x accumulation x world size). The run folder (--out) gets
+step-N/, epoch-N/, best/ checkpoints, a `latest` pointer, metrics.jsonl and loss.png. Ctrl-C or
+SIGTERM saves a checkpoint at the current step and exits 0; --resume continues from `latest` with
+the same data order, so the losses match an uninterrupted run.
+
+examples:
+  cogni-mamba train --preset nano --data data/tinystories --tokenizer tok/ --out runs/nano
+  cogni-mamba train --preset nano --data data/tinystories data/code --set data.weights=3,1 --max-steps 2000
+  cogni-mamba train --out runs/nano --data data/tinystories --resume
+  torchrun --nproc_per_node 4 -m cogni_mamba train --preset small --data data/tinystories --tokenizer gpt2
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train a model from scratch on prepared data",
+                       description="Pretrain a CogniMamba model on token shards made by `cogni-mamba prepare`.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    p.add_argument("--data", nargs="+", metavar="DIR", help="prepared dataset folder(s) (default: data.data_dirs)")
+    p.add_argument("--tokenizer", metavar="DIR|NAME",
+                   help="the tokenizer the data was prepared with (default: the config's, else gpt2)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default: train.out_dir)")
+    p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: train.epochs epochs)")
+    p.add_argument("--precision", choices=PRECISIONS, help="auto (default), bf16, fp16 (CUDA) or fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU when there is one)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _config(args: argparse.Namespace):
+    """Preset/config file/--set, then the run's saved config when resuming, then the flags."""
+    from ..config import apply_overrides, replace
+    from ..train import checkpoint as ckpt
+
+    cfg = config_from_args(args)
+    out = Path(args.out or cfg.train.out_dir)
+    if args.resume:
+        cfg = apply_overrides(ckpt.load_config_of(ckpt.find_checkpoint(out)), args.overrides)
+    train = replace(cfg.train, out_dir=str(out))
+    if args.max_steps is not None:
+        train = replace(train, max_steps=args.max_steps)
+    if args.precision:
+        train = replace(train, precision=args.precision)
+    if args.compile:
+        train = replace(train, compile=True)
+    data = replace(cfg.data, data_dirs=list(args.data)) if args.data else cfg.data
+    tokenizer = args.tokenizer or cfg.tokenizer or "gpt2"
+    return replace(cfg, train=train, data=data, tokenizer=tokenizer)
+
+
+def _tokenizer_for(cfg, out: Path, resume: bool):
+    """The run's tokenizer (the checkpoint's own when resuming), checked against the data's fingerprint."""
+    from ..data import read_meta
+    from ..errors import CogniError
+    from ..tokenizer import load_tokenizer
+    from ..train import checkpoint as ckpt
+
+    saved = ckpt.find_checkpoint(out) / "tokenizer" if resume else None
+    tokenizer = load_tokenizer(saved if saved is not None and saved.is_dir() else cfg.tokenizer)
+    for d in cfg.data.data_dirs:
+        if read_meta(d).get("tokenizer_fingerprint") != tokenizer.fingerprint:
+            raise CogniError(f"{d} was prepared with a different tokenizer than {cfg.tokenizer}; pass the "
+                             "--tokenizer it was prepared with, or prepare the data again.")
+    return tokenizer
+
+
+def run(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from ..config import replace
+    from ..data import TokenBatches, fixed_batches
+    from ..errors import CogniError
+    from ..model import CogniMamba
+    from ..train import Trainer
+    from ..train.distributed import init_distributed, pick_device, shutdown
+
+    cfg = _config(args)
+    if not cfg.data.data_dirs:
+        raise CogniError("No training data given; pass --data DIR (a folder made by `cogni-mamba prepare`).")
+    out = Path(cfg.train.out_dir)
+    tokenizer = _tokenizer_for(cfg, out, args.resume)
+    cfg = replace(cfg, model=replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise CogniError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len}); "
+                         "lower data.seq_len or raise model.max_seq_len.")
+    device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    info = init_distributed(device)
+    try:
+        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+        model = CogniMamba(cfg.model)
+        d, T, B = cfg.data, cfg.data.seq_len, cfg.train.batch_size
+        batches = TokenBatches(d.data_dirs, T, B, weights=d.weights or None, seed=d.seed, rank=info.rank,
+                               world_size=info.world_size)
+        val = fixed_batches(d.data_dirs, T, B, cfg.train.eval_batches)
+        trainer = Trainer(model, batches, val, cfg.train, config=cfg, tokenizer=tokenizer, out_dir=out,
+                          device=device, dist=info, progress=not args.quiet)
+        if info.is_main:
+            n = model.num_parameters()
+            print(f"training {n / 1e6:.2f}M parameters on {device} x {info.world_size} in {trainer.precision}: "
+                  f"{trainer.total_steps} steps of {B * cfg.train.grad_accum * info.world_size} x {T} tokens "
+                  f"-> {out}")
+        if args.resume:
+            trainer.resume(out)
+        result = trainer.train()
+        if info.is_main:
+            print(result.summary())
+            print(f"chat with it: cogni-mamba chat --checkpoint {out}")
+    finally:
+        shutdown(info)
+    return 0
