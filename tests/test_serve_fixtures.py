@@ -100,12 +100,15 @@ def free_port() -> int:
 class LiveServer:
     """`python -m cogni_mamba serve` on 127.0.0.1 and a free port, as a real subprocess."""
 
-    def __init__(self, checkpoint: Path, *extra: str):
+    def __init__(self, checkpoint: Path, *extra: str, device: str = "cpu", threads: int | None = 1,
+                 log_dir: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = checkpoint.parent / f"serve-{self.port}.log"
+        self.log = (log_dir or checkpoint.resolve().parent) / f"serve-{self.port}.log"
         cmd = [sys.executable, "-m", "cogni_mamba", "serve", "--checkpoint", str(checkpoint),
-               "--port", str(self.port), "--device", "cpu", "--threads", "1", *extra]
+               "--port", str(self.port), "--device", device, *extra]
+        if threads is not None:  # one thread suits the tiny test model and a CPU shared with the test process
+            cmd += ["--threads", str(threads)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
