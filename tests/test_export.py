@@ -365,3 +365,51 @@ def test_llama_cpp_greedy_tokens_equal_ours(tok, tmp_path):
             if len(theirs) == len(ours):
                 break
         assert theirs == ours
+
+
+# --- GPT-2's tokenizer and the command line ------------------------------------------------------------
+
+def test_hf_export_with_gpt2_tokenizer(shared_data, tmp_path):
+    from cogni_mamba.tokenizer import load_tokenizer
+
+    gpt2 = load_tokenizer(shared_data / "gpt2")
+    cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=gpt2.vocab_size, hidden_dim=64,
+                      max_seq_len=32)
+    export_hf(tiny_model(cfg), gpt2, Config(model=cfg), tmp_path / "hf")
+    hf, ht = load_hf(tmp_path / "hf")
+    assert (hf.config.vocab_size, len(ht), gpt2.vocab_size) == (50304, 50262, 50304)
+    text = " Hello world's café 🦊<|endoftext|><|user|>hi<|end|>"
+    assert ht(text, add_special_tokens=False)["input_ids"] == gpt2.encode(text)
+    assert ht.convert_tokens_to_ids("<|endoftext|>") == 50256
+
+
+def test_cli_export_then_import_gives_the_same_checkpoint(tok, tmp_path, capsys):
+    from cogni_mamba.cli import main
+    from cogni_mamba.train.checkpoint import load_checkpoint_full, save_checkpoint
+
+    cfg = tiny_config(tok)
+    model = tiny_model(cfg)
+    ckpt = save_checkpoint(tmp_path, "ckpt", model, Config(model=cfg), tokenizer=tok)
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert main(["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back")]) == 0
+    back, back_tok, back_cfg = load_checkpoint_full(tmp_path / "back")
+    assert back_cfg.model == cfg and back_tok.fingerprint == tok.fingerprint
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    assert main(["export", "--checkpoint", str(ckpt), "--format", "gguf", "--dtype", "q8_0",
+                 "--out", str(tmp_path / "m.gguf")]) == 0
+    assert gguf.GGUFReader(str(tmp_path / "m.gguf")).fields["general.file_type"].contents() == 7
+    capsys.readouterr()
+    # Mistakes: an existing --out, an unknown dtype, an incompatible HF folder -> one sentence, exit 2.
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"attention_bias": True}))
+    for argv, needle in (
+        (["export", "--checkpoint", str(ckpt), "--format", "hf", "--out", str(tmp_path / "hf")], "already exists"),
+        (["export", "--checkpoint", str(ckpt), "--format", "hf", "--dtype", "int4", "--out", str(tmp_path / "x")],
+         "Unknown dtype 'int4'"),
+        (["import", "--hf", str(tmp_path / "hf"), "--out", str(tmp_path / "again")], "attention_bias = true"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and needle in err and "\n" not in err, err
+    assert not (tmp_path / "again").exists() and not (tmp_path / "x").exists()
