@@ -175,3 +175,39 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(tiny):
     assert "Application shutdown complete" in log
     with pytest.raises(httpx.TransportError):
         httpx.get(server.url + "/health", timeout=5)
+
+
+# --- a stop token, in process ---------------------------------------------------------------------
+
+def test_a_stop_token_ends_the_reply_with_finish_reason_stop(tiny):
+    import copy
+
+    import torch
+
+    from cogni_mamba.config import GenerationConfig
+    from cogni_mamba.serve import Engine, Job
+    from cogni_mamba.tokenizer import SimpleTokenizer
+    from tests.test_serve_fixtures import chat_ids
+
+    tok = SimpleTokenizer()
+    model = copy.deepcopy(tiny.model)
+    end = tiny.specials["<|end|>"]
+    with torch.no_grad():  # <|end|> now scores 1.5x the byte "e": it wins wherever "e" scores high enough
+        model.tok_embeddings.weight[end] = 1.5 * model.tok_embeddings.weight[ord("e")]
+    prompt = chat_ids(tiny.specials, HELLO)
+    stops = {end, tiny.specials["<|endoftext|>"], *(tiny.specials[f"<|{r}|>"] for r in ("system", "user", "assistant"))}
+
+    new: list[int] = []  # the reference: argmax without a cache until a stop id comes up
+    with torch.no_grad():
+        while len(new) < 300 and not (new and new[-1] in stops):
+            new.append(int(model(torch.tensor([prompt + new]))[0, -1].argmax()))
+    assert new[-1] in stops and len(new) > 3, "precondition: a stop token after a few bytes, within 300 steps"
+    reply = new[:-1]
+
+    engine = Engine(model, tok, GenerationConfig(temperature=0, top_k=None, top_p=None))
+    job = Job(prompt=engine.chat_prompt(HELLO), settings=engine.settings(300, {}), stop_ids=engine.chat_stop_ids(),
+              stop_strings=[])
+    assert job.prompt == prompt
+    text = "".join(engine.run(job))
+    assert text == bytes(reply).decode("utf-8", errors="replace")
+    assert job.finish_reason == "stop" and job.completion_tokens == len(reply)
