@@ -37,7 +37,9 @@ _PHRASE_ENDERS = frozenset((
     "he", "she", "it", "they", "his", "her", "its", "their", "him", "them", "there", "here", "very", "too",
 ))
 _WORD = re.compile(r"[A-Za-z]+|[^A-Za-z\s]")
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"']?\s+")
+# A sentence ends at . ! ? (and a closing quote) before a space and a capital or an opening quote,
+# so '"Can I play?" he asked.' stays one sentence.
+_SENTENCE_END = re.compile(r"(?<=[.!?])[\"']?\s+(?=[\"'A-Z])")
 MAX_PHRASE_WORDS = 3
 
 
