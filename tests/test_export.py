@@ -30,6 +30,15 @@ CORPUS = [f"the {w} fox number {i} jumps over the lazy dog, said {w}." for i in 
           for w in ("quick", "brown", "red", "café")]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are tiny: extra intra-op threads only add contention (10-40x slower on a busy 2-core box).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     # 300 real tokens -> a model vocabulary of 320, so 20 padding rows exist, as with GPT-2 (50257 -> 50304).
