@@ -21,7 +21,7 @@ from cogni_mamba.export import (
 )
 from cogni_mamba.generate import decode_n
 from cogni_mamba.model import CogniMamba, apply_rotary
-from cogni_mamba.tokenizer import SPECIAL_TOKENS, train_bpe
+from cogni_mamba.tokenizer import SPECIAL_TOKENS, SimpleTokenizer, train_bpe
 
 transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
@@ -215,6 +215,9 @@ def test_export_refuses_to_overwrite_and_needs_a_tokenizer(tok, tmp_path):
         export_gguf(model, None, Config(model=cfg), tmp_path / "m.gguf")
     with pytest.raises(ExportError, match="q4"):
         export_gguf(model, tok, Config(model=cfg), tmp_path / "m.gguf", dtype="q4")
+    with pytest.raises(ExportError, match="no BPE merges"):
+        simple_cfg = tiny_config(SimpleTokenizer())
+        export_gguf(tiny_model(simple_cfg), SimpleTokenizer(), Config(model=simple_cfg), tmp_path / "m.gguf")
     assert not any(p.name.endswith(".gguf") or p.name.startswith(".") for p in tmp_path.iterdir())
 
 

@@ -161,6 +161,10 @@ def export_gguf(model: torch.nn.Module, tokenizer, config: Config, out_path: str
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ExportError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}; "
                           "export with the tokenizer the model was trained with.")
+    if not bpe_merges(tokenizer):
+        # gguf cannot write an empty merges array, and llama.cpp refuses a "gpt2" vocabulary without one.
+        raise ExportError("The tokenizer has no BPE merges (the byte-level 'simple' tokenizer), which llama.cpp "
+                          "cannot load; train a BPE tokenizer (`cogni-mamba tokenizer train`) for GGUF export.")
     out = Path(out_path)
     if out.is_dir():
         raise ExportError(f"{out} is a folder; a GGUF export is one file, so pass --out like model.gguf.")
