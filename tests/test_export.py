@@ -425,3 +425,24 @@ def test_cli_export_then_import_gives_the_same_checkpoint(tok, tmp_path, capsys)
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and needle in err and "\n" not in err, err
     assert not (tmp_path / "again").exists() and not (tmp_path / "x").exists()
+
+
+def test_import_grows_the_vocabulary_for_our_special_tokens(shared_data, tmp_path):
+    """A GPT-2-vocabulary Llama (50,257 rows) gains our 5 extra specials: rows up to 50,304, new ones at the mean."""
+    from cogni_mamba.tokenizer.loading import gpt2_hf_from_files
+
+    (tmp_path / "hf").mkdir()
+    gpt2_hf_from_files(shared_data / "gpt2" / "vocab.json", shared_data / "gpt2" / "merges.txt").save(
+        str(tmp_path / "hf" / "tokenizer.json"))
+    hf_cfg = transformers.LlamaConfig(vocab_size=50257, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    model, tok, cfg = import_hf(tmp_path / "hf")
+    assert cfg.model.vocab_size == tok.vocab_size == 50304 and tok.special_tokens["<|end|>"] == 50261
+    emb, theirs = model.tok_embeddings.weight, hf.model.embed_tokens.weight
+    assert torch.equal(emb[:50257], theirs)
+    torch.testing.assert_close(emb[50257:], theirs.mean(0).expand(47, -1))
+    ids = torch.randint(0, 50257, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[..., :50257], hf(ids).logits, atol=1e-4, rtol=0)
