@@ -228,3 +228,13 @@ def test_a_disconnect_cancels_the_generation(server):
     generated = after["generated_tokens"] - before["generated_tokens"]
     assert after["completed_requests"] == before["completed_requests"] + 1
     assert 0 < generated < n
+
+
+def test_binds_to_127_0_0_1_only_by_default(server):
+    from cogni_mamba.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--checkpoint", "x"]).host == "127.0.0.1"
+    # Another loopback address reaches this machine but not a socket bound to 127.0.0.1 alone.
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"http://127.0.0.2:{server.port}/health", timeout=5)
+    assert httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=5).status_code == 200
