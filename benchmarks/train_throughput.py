@@ -4,11 +4,13 @@ Both models get the identical config and weights (a plain key map), the same syn
 same precision and the same optimizer step (`common.TrainStep`: AdamW foreach/fused, autocast,
 gradient clipping). transformers uses its SDPA attention. Before timing, the two losses are checked
 to agree, so the same maths is timed. Steps alternate between the two models (A B B A ...), and the
-medians give tokens/s and the ratio.
+medians give tokens/s and the ratio. On a machine shared with other jobs, `--threads 1 --clock cpu`
+times the process's CPU time, which counts the work done rather than time spent descheduled.
 
     .venv/bin/python benchmarks/train_throughput.py                  # nano and tiny, fp32 and bf16
     .venv/bin/python benchmarks/train_throughput.py --quick          # CI size: nano, few steps
-    .venv/bin/python benchmarks/train_throughput.py --presets medium --precisions bf16 fp16 --compile
+    .venv/bin/python benchmarks/train_throughput.py --threads 1 --clock cpu --compile ours
+    .venv/bin/python benchmarks/train_throughput.py --presets medium --precisions bf16 fp16 --compile both
 """
 
 from __future__ import annotations
@@ -84,22 +86,22 @@ def check_same_loss(ours: CogniMamba, hf, batch) -> None:
 
 
 def compare(preset_name: str, precision: str, batch: int, seq_len: int, steps: int, device: torch.device,
-            compile: bool) -> dict:
+            compile: str, clock: str) -> dict:
     """Median tokens/s of both training steps, alternated, plus first-step (compile) times."""
     torch.manual_seed(0)
     ours = CogniMamba(model_config(RunSpec(preset=preset_name, seq_len=seq_len))).to(device).train()
     hf = to_llama(ours)
     data = synthetic_batch(ours.config.vocab_size, batch, seq_len, seed=1, device=device)
     check_same_loss(ours, hf, data)
-    steps_ours = TrainStep(ours, precision, device, compile=compile)
-    steps_hf = TrainStep(hf, precision, device, loss_fn=hf_loss, compile=compile)
+    steps_ours = TrainStep(ours, precision, device, compile=compile in ("ours", "both"))
+    steps_hf = TrainStep(hf, precision, device, loss_fn=hf_loss, compile=compile == "both")
     first = {}
     for name, step in (("ours", steps_ours), ("hf", steps_hf)):
         t0 = time.perf_counter()
         step([data])  # warm-up (and compilation)
         first[name] = time.perf_counter() - t0
         step([data])
-    times = alternate({"ours": lambda: steps_ours([data]), "hf": lambda: steps_hf([data])}, steps, device)
+    times = alternate({"ours": lambda: steps_ours([data]), "hf": lambda: steps_hf([data])}, steps, device, clock)
     tokens = batch * seq_len
     return {"ours": tokens / median(times["ours"]), "hf": tokens / median(times["hf"]),
             "first_ours": first["ours"], "first_hf": first["hf"]}
@@ -112,23 +114,29 @@ def main() -> None:
     p.add_argument("--batch", type=int, help="batch size (default: per preset, see DEFAULT_SHAPES)")
     p.add_argument("--seq-len", type=int, help="sequence length (default: per preset)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (alternated)")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile", choices=["none", "ours", "both"], default="none",
+                   help="torch.compile our model only, or both (the first-step column shows compile time)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: elapsed time; cpu: process CPU time (use with --threads 1 on a busy machine)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="CI size: nano only, batch 4 x 64, 3 steps")
     args = p.parse_args()
     if args.quick:
         args.presets, args.batch, args.seq_len, args.steps = ["nano"], 4, 64, 3
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"machine: {machine()}")
     print(f"step: AdamW ({'fused' if device.type == 'cuda' else 'foreach'}), clip 1.0, synthetic tokens; "
-          f"{'torch.compile' if args.compile else 'eager'}; median of {args.steps} alternated steps\n")
+          f"compile: {args.compile}; {args.clock} clock; median of {args.steps} alternated steps\n")
     rows = []
     for name in args.presets:
         batch, seq = DEFAULT_SHAPES.get(name, (4, 256))
         batch, seq = args.batch or batch, args.seq_len or seq
         for precision in args.precisions:
-            r = compare(name, precision, batch, seq, args.steps, device, args.compile)
+            r = compare(name, precision, batch, seq, args.steps, device, args.compile, args.clock)
             rows.append([name, precision, f"{batch} x {seq}", f"{r['ours']:,.0f}", f"{r['hf']:,.0f}",
                          f"{r['ours'] / r['hf']:.2f}x", f"{r['first_ours']:.1f} / {r['first_hf']:.1f}"])
             print(f"  {name} {precision}: ours {r['ours']:,.0f} tok/s, transformers {r['hf']:,.0f} tok/s", flush=True)
