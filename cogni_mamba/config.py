@@ -98,6 +98,7 @@ class DataConfig:
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PARALLELS = ("ddp", "fsdp")  # under torchrun: whole model per rank, or sharded with FSDP2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,6 +127,7 @@ class TrainConfig:
     seed: int = 1337
     out_dir: str = "runs/default"
     max_bad_steps: int = 5  # non-finite steps in a row before rolling back to the last good checkpoint
+    parallel: str = "ddp"  # several processes: "ddp", or "fsdp" for a model too big for one GPU
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "epochs", "eval_interval", "eval_batches", "log_interval",
@@ -142,6 +144,10 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}.")
         _require(self.precision in PRECISIONS,
                  f"train.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
+        _require(self.parallel in PARALLELS,
+                 f"train.parallel must be one of {', '.join(PARALLELS)}, got {self.parallel!r}.")
+        _require(not (self.parallel == "fsdp" and self.precision == "fp16"),
+                 "train.parallel=fsdp does not support fp16 (its loss scaler is per rank); use bf16 or fp32.")
 
 
 @dataclass(frozen=True, kw_only=True)

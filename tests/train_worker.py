@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--parallel", default="ddp", help="train.parallel under torchrun: ddp or fsdp")
     a = p.parse_args(argv)
 
     from cogni_mamba.train.distributed import init_distributed, shutdown
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     model = CogniMamba(tiny_model_config(a.dropout))
     cfg = TrainConfig(batch_size=a.global_batch // info.world_size, grad_accum=a.accum, max_steps=a.steps,
                       lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=a.eval_interval, eval_batches=2,
-                      save_interval=a.save_interval, keep_last=2, precision="fp32", out_dir=a.out)
+                      save_interval=a.save_interval, keep_last=2, precision="fp32", out_dir=a.out,
+                      parallel=a.parallel)
     train = RandomTokens(cfg.batch_size, a.seq, seed=7, rank=info.rank, world_size=info.world_size,
                          batches_per_epoch=25, sleep=a.sleep)
     val = [next(RandomTokens(4, a.seq, seed=99 + i)) for i in range(2)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import PRECISIONS
+from ..config import PARALLELS, PRECISIONS
 from .common import add_config_args, config_from_args
 
 EPILOG = """Each step is train.batch_size x train.grad_accum sequences of data.seq_len tokens on every
@@ -19,6 +19,7 @@ examples:
   cogni-mamba train --preset nano --data data/tinystories data/code --set data.weights=3,1 --max-steps 2000
   cogni-mamba train --out runs/nano --data data/tinystories --resume
   torchrun --nproc_per_node 4 -m cogni_mamba train --preset small --data data/tinystories --tokenizer gpt2
+  torchrun --nproc_per_node 8 -m cogni_mamba train --preset large --parallel fsdp --data data/tinystories
 """
 
 
@@ -34,6 +35,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: train.epochs epochs)")
     p.add_argument("--precision", choices=PRECISIONS, help="auto (default), bf16, fp16 (CUDA) or fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--parallel", choices=PARALLELS,
+                   help="under torchrun: ddp (default; a whole model per GPU) or fsdp (sharded, for models too "
+                        "big for one GPU)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU when there is one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -56,6 +60,8 @@ def _config(args: argparse.Namespace):
         train = replace(train, precision=args.precision)
     if args.compile:
         train = replace(train, compile=True)
+    if args.parallel:
+        train = replace(train, parallel=args.parallel)
     data = replace(cfg.data, data_dirs=list(args.data)) if args.data else cfg.data
     tokenizer = args.tokenizer or cfg.tokenizer or "gpt2"
     return replace(cfg, train=train, data=data, tokenizer=tokenizer)

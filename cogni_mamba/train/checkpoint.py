@@ -32,7 +32,7 @@ from torch import nn
 
 from ..config import Config, ConfigError, from_dict, to_dict
 from ..errors import CogniError
-from .distributed import unwrap
+from .distributed import is_sharded, load_full_model_state, tied_names, unwrap
 
 MARKER = "complete.json"
 LATEST = "latest"
@@ -65,13 +65,15 @@ def _fsync_tree(root: Path) -> None:
         _fsync(Path(dirpath))
 
 
-def weights_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state dict with each shared tensor kept once, plus a map alias -> kept name.
+def weights_for_saving(model: nn.Module, state: dict[str, torch.Tensor] | None = None
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state dict (or `state`, e.g. FSDP's gathered weights) with each shared tensor kept
+    once, plus a map alias -> kept name.
 
     safetensors refuses tensors that share memory (the tied embedding/head), so aliases are dropped
     here and re-tied by the model's constructor on load.
     """
-    state = unwrap(model).state_dict()
+    state = unwrap(model).state_dict() if state is None else state
     kept: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -109,14 +111,18 @@ def write_pointer(run_dir: Path, name: str, pointer: str = LATEST) -> None:
 
 
 def save_checkpoint(run_dir: str | Path, name: str, model: nn.Module, config: Config, *, tokenizer: Any = None,
-                    train_state: dict | None = None, info: dict | None = None, update_latest: bool = True) -> Path:
-    """Write checkpoint `run_dir/name` atomically and (by default) point `latest` at it."""
+                    train_state: dict | None = None, info: dict | None = None, update_latest: bool = True,
+                    weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write checkpoint `run_dir/name` atomically and (by default) point `latest` at it.
+
+    `weights` replaces `model.state_dict()` (an FSDP model's full weights, gathered beforehand).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        tensors, aliases = weights_for_saving(model)
+        tensors, aliases = weights_for_saving(model, weights)
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "aliases": json.dumps(aliases)})
         (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
@@ -248,14 +254,14 @@ def load_config_of(ckpt: Path) -> Config:
 
 
 def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:
-    """Load model.safetensors into `model` (unwrapped), insisting that every tensor matches."""
+    """Load model.safetensors into `model` (unwrapped, or sharded by FSDP2), insisting that every tensor matches."""
     try:
         tensors = load_file(str(ckpt / WEIGHTS), device=str(device))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"Checkpoint {ckpt} has unreadable weights ({e}); use another checkpoint.") from None
     target = unwrap(model)
     expected = target.state_dict()
-    _, aliases = weights_for_saving(target)
+    aliases = tied_names(target) if is_sharded(target) else weights_for_saving(target)[1]
     missing = [k for k in expected if k not in tensors and k not in aliases]
     unexpected = [k for k in tensors if k not in expected]
     wrong = [k for k in tensors if k in expected and tensors[k].shape != expected[k].shape]
@@ -263,6 +269,9 @@ def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu
         first = (missing or unexpected or wrong)[0]
         raise CheckpointError(f"Checkpoint {ckpt} does not match the model its config.json describes "
                               f"(first mismatched tensor: {first}); it was saved by a different model version.")
+    if is_sharded(target):  # each rank keeps its shard of the full tensors
+        load_full_model_state(target, {**tensors, **{a: tensors[k] for a, k in aliases.items()}})
+        return
     with torch.no_grad():
         for name, t in tensors.items():
             expected[name].copy_(t)

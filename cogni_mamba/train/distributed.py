@@ -1,13 +1,21 @@
-"""torchrun / DDP plumbing: who am I, which device, and the few collectives the trainer needs.
+"""torchrun / DDP / FSDP2 plumbing: who am I, which device, and the few collectives the trainer needs.
 
 Under `torchrun --nproc_per_node N` the environment carries RANK, WORLD_SIZE and LOCAL_RANK; we
-join a process group (nccl on CUDA, gloo on CPU) and wrap the model in DDP. In a plain process
-everything here is a no-op, so the trainer has one code path.
+join a process group (nccl on CUDA, gloo on CPU) and wrap the model in DDP (`train.parallel =
+"ddp"`: every rank holds the whole model) or shard it with FSDP2 `fully_shard` (`"fsdp"`: each rank
+holds 1/N of the weights, gradients and optimizer state, for models that do not fit one GPU). In a
+plain process everything here is a no-op, so the trainer has one code path.
+
+Checkpoints are the same under both: the full, unsharded weights and an optimizer state keyed by
+parameter index, as `optimizer.state_dict()` gives in a single process, so a run can resume under
+either and `load_checkpoint` reads the weights anywhere.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +84,117 @@ def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for a model sharded by FSDP2 `fully_shard`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def shard_fsdp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+    """Shard `model` in place with FSDP2: each block of `model.layers` is its own unit, the rest the root's.
+
+    A unit's full weights exist only while it runs (all-gathered, then freed), so peak memory is the
+    shards plus about one block. The model may still be on the CPU: `fully_shard` moves each shard to
+    the mesh's device, so the whole model never has to fit one GPU.
+    """
+    if not info.enabled:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (info.world_size,))
+    for block in getattr(model, "layers", []):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+@contextmanager
+def grad_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Within it, backward() reduces gradients across ranks only when `sync` (skip it on all but the
+    last micro-batch of an accumulation: DDP's no_sync, FSDP2's set_requires_gradient_sync)."""
+    if sync:
+        yield
+    elif is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with model.no_sync() if hasattr(model, "no_sync") else nullcontext():
+            yield
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """alias -> first name for parameters registered under several names (the tied embedding/head)."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def _full_options(**kw: bool):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The unsharded weights on rank 0's CPU ({} on other ranks); collective: call on every rank.
+
+    Tied names point at one tensor again (gathering copies each name), so the checkpoint stores it once.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=_full_options(cpu_offload=True))
+    for alias, name in tied_names(model).items():
+        if name in state:
+            state[alias] = state[name]
+    return state
+
+
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Shard full weights (every rank passes the same dict) into an FSDP2 model."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, dict(state), options=_full_options())  # it rewrites the dict it gets
+
+
+def _index_order(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the order `optimizer.state_dict()` numbers them (group by group)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The unsharded optimizer state on rank 0's CPU, keyed by index like `optimizer.state_dict()`
+    ({} on other ranks); collective: call on every rank."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+    if not full:
+        return {}
+    index = {name: i for i, name in enumerate(_index_order(model, optimizer))}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full["param_groups"]]
+    return {"state": {index[n]: s for n, s in full["state"].items()}, "param_groups": groups}
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Shard an index-keyed full optimizer state (every rank passes the same dict) into FSDP2's optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    order = _index_order(model, optimizer)
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]]
+    full = {"state": {order[i]: s for i, s in state["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, full, options=_full_options())
 
 
 def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:

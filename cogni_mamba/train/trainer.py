@@ -3,7 +3,8 @@
 `Trainer(model, train_batches, val_batches, cfg.train, ...)` takes any iterable of (x, y) batches;
 when the iterable has `state_dict()` / `load_state_dict()` its position is saved in every
 checkpoint, and `batches_per_epoch` (per process) lets the run count epochs. One optimizer step is
-`grad_accum` micro-batches on each of `world_size` processes.
+`grad_accum` micro-batches on each of `world_size` processes, whose model is wrapped in DDP or, with
+`train.parallel = "fsdp"`, sharded by FSDP2 (checkpoints hold the full weights either way).
 """
 
 from __future__ import annotations
@@ -31,8 +32,13 @@ from .distributed import (
     any_rank,
     barrier,
     current,
+    full_model_state,
+    full_optimizer_state,
     gather_objects,
+    grad_sync,
+    load_full_optimizer_state,
     pick_device,
+    shard_fsdp,
     wrap_ddp,
 )
 from .metrics import MetricsLog, device_peak_flops, flops_per_token, plot_losses
@@ -74,6 +80,25 @@ class TrainResult:
                 f"{self.seconds / 60:.1f} min, {self.bad_steps} skipped non-finite steps")
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for an allocation failure: torch.OutOfMemoryError (CUDA) or the CPU/MPS allocators' RuntimeError."""
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "not enough memory" in text
+
+
+def oom_advice(shape: tuple[int, ...] | None, cfg: TrainConfig, precision: str, world_size: int) -> str:
+    """The one-sentence message for an out-of-memory step: where it happened and what to lower."""
+    where = f"a micro batch of {shape[0]} x {shape[1]} tokens" if shape else f"train.batch_size {cfg.batch_size}"
+    fixes = [f"lower train.batch_size (now {cfg.batch_size}) and raise train.grad_accum (now {cfg.grad_accum}) "
+             "to keep the effective batch", "lower data.seq_len"]
+    if precision == "fp32":
+        fixes.append("use --precision bf16")
+    if world_size > 1 and cfg.parallel != "fsdp":
+        fixes.append("shard the model with --set train.parallel=fsdp")
+    fixes.append("or pick a smaller --preset")
+    return f"Out of memory while training on {where}: " + ", ".join(fixes) + "."
+
+
 def plan_steps(cfg: TrainConfig, batches: Any) -> tuple[int, int | None]:
     """(total optimizer steps, steps per epoch or None) from the step budget or the epoch count."""
     per_epoch = getattr(batches, "batches_per_epoch", None)
@@ -96,11 +121,17 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist or current()
         self.device = torch.device(device) if device is not None else pick_device(None, self.dist.local_rank)
-        self.raw_model = model.to(self.device)
+        self.fsdp = cfg.parallel == "fsdp" and self.dist.enabled
         self.precision = resolve_precision(cfg.precision, self.device)
+        if self.fsdp and self.precision == "fp16":
+            raise CogniError("train.parallel=fsdp does not support fp16 (its loss scaler is per rank); "
+                             "use --precision bf16 or fp32.")
+        # fully_shard moves each shard to the device itself, so the whole model never has to fit there.
+        self.raw_model = shard_fsdp(model, self.dist, self.device) if self.fsdp else model.to(self.device)
         self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
         self.eval_model = self.model
-        self.model = wrap_ddp(self.model, self.dist, self.device)
+        if not self.fsdp:
+            self.model = wrap_ddp(self.model, self.dist, self.device)
         self.optimizer = build_optimizer(self.raw_model, cfg, self.device.type)
         self.scaler = make_scaler(self.precision, self.device)
         self.train_batches = train_batches
@@ -123,6 +154,7 @@ class Trainer:
         self.bad_streak = 0
         self.rollbacks = 0
         self._stop = False
+        self._micro_shape: tuple[int, ...] | None = None
         if self.dist.is_main:
             ckpt.remove_stale_temps(self.out_dir)
 
@@ -156,14 +188,15 @@ class Trainer:
     def forward_backward(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Accumulate the gradients of the mean loss over `micro_batches`; return that mean loss.
 
-        DDP synchronises gradients only on the last micro-batch (no_sync on the others).
+        DDP / FSDP reduce gradients across ranks only on the last micro-batch.
         """
         n = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(micro_batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            self._micro_shape = tuple(x.shape)  # (B, T): named by the out-of-memory advice
             sync = i == n - 1 or not self.dist.enabled
-            with contextlib.nullcontext() if sync else self.model.no_sync():
+            with grad_sync(self.raw_model if self.fsdp else self.model, sync):
                 with autocast(self.precision, self.device):
                     _, loss = self.model(x, y)
                 self.scaler.scale(loss / n).backward()
@@ -207,10 +240,18 @@ class Trainer:
             return None
         self.raw_model.eval()
         total = torch.zeros(2, device=self.device)  # (sum of batch losses, number of batches)
-        for x, y in self.val_batches[self.dist.rank::self.dist.world_size]:
+        mine = self.val_batches[self.dist.rank::self.dist.world_size]
+        # FSDP all-gathers weights inside forward, so every rank must run as many forwards: the ranks
+        # with one batch fewer repeat a batch and give it weight 0.
+        rounds = -(-len(self.val_batches) // self.dist.world_size) if self.fsdp else len(mine)
+        for i in range(rounds):
+            x, y = mine[i] if i < len(mine) else self.val_batches[0]
             with autocast(self.precision, self.device):
                 _, loss = self.eval_model(x.to(self.device), y.to(self.device))
-            total += torch.stack([loss.float(), torch.ones((), device=self.device)])
+            weight = torch.tensor(float(i < len(mine)), device=self.device)
+            total += torch.stack([loss.float(), torch.ones((), device=self.device)]) * weight
+        if self.fsdp:  # without a backward the root keeps its gathered weights; the optimizer holds the shards
+            self.raw_model.reshard()
         self.raw_model.train()
         total = all_reduce_sum(total, self.dist)
         return float(total[0] / total[1])
@@ -223,19 +264,22 @@ class Trainer:
             "step": self.step, "epoch": self.epoch, "tokens_seen": self.tokens_seen,
             "best_val_loss": self.best_val_loss, "lr_scale": self.lr_scale, "bad_steps": self.bad_steps,
             "rollbacks": self.rollbacks, "total_steps": self.total_steps, "world_size": self.dist.world_size,
-            "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+            "optimizer": full_optimizer_state(self.raw_model, self.optimizer) if self.fsdp
+            else self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "ranks": gather_objects(mine, self.dist),
         }
 
     def save(self, *, epoch_end: bool = False, best: bool = False) -> Path | None:
         """Write step-N (and link epoch-N / best to it); rank 0 writes, all ranks wait for it."""
         state = self.train_state()
+        weights = full_model_state(self.raw_model) if self.fsdp else None  # gathered onto rank 0's CPU
         path = None
         if self.dist.is_main:
             name = f"step-{self.step}"
             info = {"step": self.step, "epoch": self.epoch, "val_loss": self.best_val_loss if best else None}
             path = ckpt.save_checkpoint(self.out_dir, name, self.raw_model, self.config, tokenizer=self.tokenizer,
-                                        train_state=state, info=info)
+                                        train_state=state, info=info, weights=weights)
             if epoch_end:
                 ckpt.link_checkpoint(self.out_dir, name, f"epoch-{self.epoch}")
             if best:
@@ -247,9 +291,12 @@ class Trainer:
     def resume(self, path: str | Path | None = None) -> Path:
         """Continue from a checkpoint (default: this run's latest): weights, optimizer, data and RNG."""
         where = ckpt.find_checkpoint(path or self.out_dir)
-        ckpt.load_weights(self.raw_model, where, self.device)
+        ckpt.load_weights(self.raw_model, where, "cpu" if self.fsdp else self.device)  # FSDP shards from the CPU
         state = ckpt.load_train_state(where)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp:
+            load_full_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         for key in ("step", "tokens_seen", "best_val_loss", "lr_scale", "bad_steps", "rollbacks"):
             setattr(self, key, state[key])
@@ -387,11 +434,11 @@ class Trainer:
         """train_step with out-of-memory turned into advice and non-finite steps counted."""
         try:
             out = self.train_step()
-        except torch.OutOfMemoryError:
-            raise CogniError(
-                f"Out of memory at micro batch {self.cfg.batch_size} x {self.config.data.seq_len} tokens; lower "
-                "train.batch_size (raise train.grad_accum to keep the effective batch), data.seq_len or the model "
-                "size, or use --precision bf16.") from None
+        except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is a RuntimeError too
+            if not is_out_of_memory(e):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            raise CogniError(oom_advice(self._micro_shape, self.cfg, self.precision, self.dist.world_size)) from None
         if out.applied:
             self.bad_streak = 0
         elif out.reason != "scaler_skip":
