@@ -224,6 +224,15 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def max_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:
+    """The largest `value` of all ranks, on every rank (one collective for a ranked set of flags)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
     """Every rank's `obj`, in rank order, on every rank (our own processes: plain pickle is fine)."""
     if not info.enabled:

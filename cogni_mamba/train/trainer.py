@@ -29,7 +29,6 @@ from .distributed import (
     DistInfo,
     all_reduce_mean,
     all_reduce_sum,
-    any_rank,
     barrier,
     current,
     full_model_state,
@@ -37,6 +36,7 @@ from .distributed import (
     gather_objects,
     grad_sync,
     load_full_optimizer_state,
+    max_over_ranks,
     pick_device,
     shard_fsdp,
     wrap_ddp,
@@ -409,7 +409,9 @@ class Trainer:
                     out = self._guarded_step()
                     self._record_step(out, bar)
                     over_time = self.cfg.max_minutes is not None and time.time() - start > 60 * self.cfg.max_minutes
-                    stop = any_rank(self._stop or over_time, self.dist, self.device)
+                    # 2: a signal reached some rank, 1: out of time. Every rank stops at this same step even
+                    # when the signal reached only one of them, and all name the same reason.
+                    stop = max_over_ranks(2 if self._stop else int(over_time), self.dist, self.device)
                     saved = False
                     if out.applied:
                         epoch_end = bool(self.steps_per_epoch) and self.step % self.steps_per_epoch == 0
@@ -423,7 +425,7 @@ class Trainer:
                     if stop:
                         if not saved:
                             self.save()
-                        stopped = "signal" if self._stop else "time"
+                        stopped = "signal" if stop == 2 else "time"
                         break
         finally:
             bar.close()
