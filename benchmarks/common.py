@@ -256,7 +256,8 @@ def _warm_libraries(spec: RunSpec, device: torch.device) -> None:
     """One step of a very small model, so the libraries' first-use buffers (oneDNN, OpenMP, cuBLAS
     workspaces) are in place before the baseline and are not counted as the measured model's memory."""
     cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=1, vocab_size=256, hidden_dim=128, max_seq_len=64)
-    tiny = CogniMamba(cfg).to(device)
+    with device:
+        tiny = CogniMamba(cfg)
     with attention_impl(spec.attention):
         TrainStep(tiny, spec.precision, device)([synthetic_batch(256, 2, 64, 0, device)])
 
@@ -272,7 +273,8 @@ def measure(spec: RunSpec) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else rss_bytes()
     torch.manual_seed(0)
-    model = CogniMamba(model_config(spec)).to(device)
+    with device:  # initialise on the device itself: a large preset's init is slow on the host
+        model = CogniMamba(model_config(spec))
     with attention_impl(spec.attention):
         out = (_train if spec.mode == "train" else _decode)(spec, model, device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss_bytes()

@@ -11,6 +11,12 @@ times the process's CPU time, which counts the work done rather than time spent 
     .venv/bin/python benchmarks/train_throughput.py --quick          # CI size: nano, few steps
     .venv/bin/python benchmarks/train_throughput.py --threads 1 --clock cpu --compile ours
     .venv/bin/python benchmarks/train_throughput.py --presets medium --precisions bf16 fp16 --compile both
+
+`--ours-only` measures our step alone (a fresh process per configuration on a CPU): tokens/s, MFU
+against the GPU's dense bf16 peak (FLOPs per token from `cogni_mamba.stats.flops_per_token`), peak
+memory and the first step's time (which includes compilation):
+
+    python3 benchmarks/train_throughput.py --ours-only --presets medium --precisions bf16 fp16 --compile ours
 """
 
 from __future__ import annotations
@@ -27,12 +33,16 @@ from common import (
     hf_loss,
     machine,
     markdown_table,
+    measure,
     median,
+    mib,
     model_config,
+    run_isolated,
     synthetic_batch,
 )
 
 from cogni_mamba.model import CogniMamba
+from cogni_mamba.stats import flops_per_token
 
 HF_NAMES = [
     (r"^tok_embeddings\.", "model.embed_tokens."),
@@ -107,6 +117,27 @@ def compare(preset_name: str, precision: str, batch: int, seq_len: int, steps: i
             "first_ours": first["ours"], "first_hf": first["hf"]}
 
 
+def ours_only(args, device: torch.device) -> list[list[str]]:
+    """Rows of tokens/s, MFU, peak memory and first-step time for our step alone."""
+    from cogni_mamba.train.metrics import device_peak_flops
+
+    peak_flops = device_peak_flops(device)
+    rows = []
+    for name in args.presets:
+        batch, seq = DEFAULT_SHAPES.get(name, (4, 256))
+        batch, seq = args.batch or batch, args.seq_len or seq
+        for precision in args.precisions:
+            spec = RunSpec(preset=name, precision=precision, batch=batch, seq_len=seq, steps=args.steps, warmup=2,
+                           compile=args.compile != "none", device=args.device, threads=args.threads, clock=args.clock)
+            r = measure(spec) if device.type == "cuda" else run_isolated(spec)
+            achieved = flops_per_token(model_config(spec), seq)[1] * r["tokens_per_s"]
+            mfu = f"{100 * achieved / peak_flops:.1f}%" if peak_flops else f"- ({achieved / 1e9:.0f} GFLOP/s)"
+            rows.append([name, precision, "yes" if spec.compile else "no", f"{batch} x {seq}",
+                         f"{r['tokens_per_s']:,.0f}", mfu, mib(r["peak_bytes"]), f"{r['first_step_s']:.1f}"])
+            print(f"  {name} {precision} compile={spec.compile}: {r['tokens_per_s']:,.0f} tok/s", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=["nano", "tiny"])
@@ -120,6 +151,7 @@ def main() -> None:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall: elapsed time; cpu: process CPU time (use with --threads 1 on a busy machine)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--ours-only", action="store_true", help="our step alone: tokens/s, MFU, peak memory")
     p.add_argument("--quick", action="store_true", help="CI size: nano only, batch 4 x 64, 3 steps")
     args = p.parse_args()
     if args.quick:
@@ -131,6 +163,18 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"step: AdamW ({'fused' if device.type == 'cuda' else 'foreach'}), clip 1.0, synthetic tokens; "
           f"compile: {args.compile}; {args.clock} clock; median of {args.steps} alternated steps\n")
+    if args.ours_only:
+        rows = ours_only(args, device)
+        print()
+        print(markdown_table(["preset", "precision", "compiled", "batch x seq", "tok/s", "MFU (dense bf16 peak)",
+                              "peak memory", "first step s"], rows))
+        return
+    if args.ours_only:
+        rows = ours_only(args, device)
+        print()
+        print(markdown_table(["preset", "precision", "compiled", "batch x seq", "tok/s", "MFU (dense bf16 peak)",
+                              "peak memory", "first step s"], rows))
+        return
     rows = []
     for name in args.presets:
         batch, seq = DEFAULT_SHAPES.get(name, (4, 256))
