@@ -138,6 +138,72 @@ def test_fsdp_resumes_a_single_process_checkpoint(runs, tmp_path):
     assert_losses_close(losses(resumed), losses(runs["single"]), range(1, 9))
 
 
+def _one_process_run(out: Path, device: str, parallel: str, *, resume: bool = False) -> Trainer:
+    torch.manual_seed(1234)
+    model = CogniMamba(tiny_model_config())
+    cfg = TrainConfig(batch_size=4, grad_accum=2, max_steps=6, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=3,
+                      save_interval=3, precision="fp32", out_dir=str(out), parallel=parallel)
+    val = [next(RandomTokens(4, 16, seed=99 + i)) for i in range(2)]
+    trainer = Trainer(model, RandomTokens(4, 16, seed=7), val, cfg, device=device, progress=False, log=lambda m: None)
+    if resume:
+        trainer.resume()
+    trainer.train()
+    return trainer
+
+
+@pytest.fixture
+def group_of_one(request, tmp_path):
+    """A process group of one rank (gloo on the CPU, nccl on a GPU), torn down afterwards."""
+    import torch.distributed as dist
+
+    device = request.param
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("no CUDA device (run on a GPU: scripts/gpu_check.sh)")
+        torch.cuda.set_device(0)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{tmp_path / 'store'}",
+                            rank=0, world_size=1)
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("group_of_one", ["cpu", "cuda"], indirect=True)
+def test_fsdp_over_a_group_of_one_equals_plain_training(tmp_path, group_of_one):
+    # The FSDP2 code path on a single device (the GPU check runs the cuda case): sharding, gathering the
+    # full weights and optimizer state for a checkpoint, and resuming, against a plain run built here.
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from cogni_mamba import load_checkpoint
+    from cogni_mamba.train.distributed import is_sharded
+
+    device, tol = group_of_one, (1e-5 if group_of_one == "cpu" else 1e-4)
+    dist.barrier()
+    fsdp = _one_process_run(tmp_path / "fsdp", device, "fsdp")
+    assert is_sharded(fsdp.raw_model)
+    weight = fsdp.raw_model.layers[0].attention.wq.weight
+    assert isinstance(weight, DTensor) and weight.device.type == device
+    plain = _one_process_run(tmp_path / "plain", device, "ddp")
+    assert not is_sharded(plain.raw_model)
+    want = losses(tmp_path / "plain")
+    for step, loss in losses(tmp_path / "fsdp").items():
+        assert loss == pytest.approx(want[step], rel=tol), step
+
+    m_plain, _ = load_checkpoint(tmp_path / "plain")
+    m_fsdp, _ = load_checkpoint(tmp_path / "fsdp")
+    for (name, a), b in zip(m_plain.state_dict().items(), m_fsdp.state_dict().values(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5, msg=name)
+
+    rewind(tmp_path / "fsdp", "step-3")
+    _one_process_run(tmp_path / "fsdp", device, "fsdp", resume=True)
+    resumed = losses(tmp_path / "fsdp")
+    assert sorted(resumed) == list(range(1, 7))
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(want[step], rel=tol), step
+
+
 def test_parallel_setting_is_validated():
     with pytest.raises(ConfigError, match="train.parallel must be one of ddp, fsdp"):
         TrainConfig(parallel="zero3")

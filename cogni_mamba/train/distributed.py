@@ -98,9 +98,10 @@ def shard_fsdp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Mod
 
     A unit's full weights exist only while it runs (all-gathered, then freed), so peak memory is the
     shards plus about one block. The model may still be on the CPU: `fully_shard` moves each shard to
-    the mesh's device, so the whole model never has to fit one GPU.
+    the mesh's device, so the whole model never has to fit one GPU. It also shards over a process group
+    of one (a single-GPU check of this path); without any process group it leaves the model alone.
     """
-    if not info.enabled:
+    if not info.enabled and not dist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

@@ -121,7 +121,7 @@ class Trainer:
         self.cfg = cfg
         self.dist = dist or current()
         self.device = torch.device(device) if device is not None else pick_device(None, self.dist.local_rank)
-        self.fsdp = cfg.parallel == "fsdp" and self.dist.enabled
+        self.fsdp = cfg.parallel == "fsdp" and (self.dist.enabled or torch.distributed.is_initialized())
         self.precision = resolve_precision(cfg.precision, self.device)
         if self.fsdp and self.precision == "fp16":
             raise CogniError("train.parallel=fsdp does not support fp16 (its loss scaler is per rank); "
