@@ -292,3 +292,66 @@ def test_interrupted_finetune_resumes_exactly(tmp_path, monkeypatch):
     assert losses(cut) == losses(full) and len(losses(full)) == 8
     a, b = load_file(full / "step-8" / "model.safetensors"), load_file(cut / "step-8" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the end-to-end check: fine-tuning teaches checkable answers that generalise -----------------
+
+NAMES = ["Anna", "Ben", "Carl", "Dora", "Emil", "Fay", "Gus", "Hana", "Ivan", "Jon", "Kim", "Lena", "Max", "Nora", "Omar", "Pia", "Quin", "Rosa", "Sam", "Tara", "Uma", "Vic", "Wes", "Xena", "Yuri", "Zoe", "Alma", "Bo", "Cleo", "Dan", "Eve", "Finn", "Gia", "Hugo", "Ida", "Jade", "Kai", "Lily", "Milo", "Nina"]
+GREETING_REPLY = "Hello! Nice to meet you."
+
+
+def synthetic_chats(seed: int = 0):
+    """Training lines and held-out (prompt, answer) pairs: 'What comes after N?' -> 'N+1.', greetings.
+
+    Held out: 100 of the numbers 10..999 (their digits all occur in training, so the model can learn
+    the digit rule rather than memorise) and 8 of the names.
+    """
+    import random
+
+    rng = random.Random(seed)
+    numbers = list(range(10, 1000))
+    rng.shuffle(numbers)
+    held_numbers, train_numbers = numbers[:100], numbers[100:]
+    held_names, train_names = NAMES[:8], NAMES[8:]
+    lines = [{"prompt": f"What comes after {n}?", "response": f"{n + 1}."} for n in train_numbers]
+    lines += [{"prompt": f"Hi, my name is {name}.", "response": GREETING_REPLY} for name in train_names * 6]
+    rng.shuffle(lines)
+    held = [(f"What comes after {n}?", f"{n + 1}.") for n in held_numbers]
+    held += [(f"Hi, my name is {name}.", GREETING_REPLY) for name in held_names]
+    return lines, held
+
+
+@pytest.mark.slow
+def test_finetuned_nano_model_answers_held_out_prompts(tmp_path):
+    from cogni_mamba.chat import Chatbot
+    from cogni_mamba.finetune import exact_match_rate
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this tiny model is faster on one thread, and steadier on a busy machine
+    try:
+        pre = pretrained(tmp_path, dim=128, seq_len=64)
+        lines, held = synthetic_chats()
+        assert not {p for p, _ in held} & {line["prompt"] for line in lines}
+        data = tmp_path / "chats.jsonl"
+        data.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        base_model, _ = load_checkpoint(pre)
+        before = exact_match_rate(base_model, TOK, held, max_new_tokens=32)
+        assert main(finetune_args(pre, data, tmp_path / "chat", "--max-steps", "600", "--val-fraction", "0.05",
+                                  "--set", "train.batch_size=32", "--set", "train.grad_accum=1",
+                                  "--set", "train.lr=3e-3", "--set", "train.min_lr=1e-4",
+                                  "--set", "train.warmup_steps=10", "--set", "train.eval_interval=200",
+                                  "--system", "")) == 0
+        tuned, _ = load_checkpoint(tmp_path / "chat")
+        after = exact_match_rate(tuned, TOK, held, max_new_tokens=32)
+        numbers = exact_match_rate(tuned, TOK, held[:100], max_new_tokens=32)
+        print(f"\nexact match on {len(held)} held-out prompts: pretrained {before:.1%}, fine-tuned {after:.1%} "
+              f"(numbers alone {numbers:.1%})")
+        assert before <= 0.05
+        assert after >= 0.6 and numbers >= 0.5
+        # The fine-tuned run folder is what `chat` loads (trained here without a system prompt).
+        bot = Chatbot.from_checkpoint(tmp_path / "chat", system_prompt=None)
+        n = int(held[0][0].removeprefix("What comes after ").rstrip("?"))
+        replies = [bot.chat(f"What comes after {m}?", temperature=0.0) for m in (n, n + 100)]
+        assert sum(r == f"{m + 1}." for r, m in zip(replies, (n, n + 100), strict=True)) >= 1, replies
+    finally:
+        torch.set_num_threads(threads)

@@ -12,6 +12,8 @@ Each conversation is rendered with the tokenizer's chat template; only assistant
 packed with another. Conversations longer than data.seq_len tokens are truncated to it (those with
 no assistant token left are skipped); both are counted in the summary. Lines that are not valid
 JSON, have an unknown role or no assistant reply are reported with their line number and skipped.
+Half of the conversations without a system message get --system's text (chosen with data.seed), so
+the model answers both `chat` (which sends a default system prompt) and API clients that send none.
 
 Defaults start from the checkpoint's config: lr and min_lr are a tenth of the pretraining ones,
 warmup at most 20 steps, 3 epochs (or --max-steps); any field can be changed with --set. The
@@ -38,6 +40,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="share of conversations held out for validation (default 0.05; 0 for none)")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: train.epochs epochs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--system", metavar="TEXT",
+                   help="system message given to half of the conversations that have none (default: the one "
+                        "`chat` sends, \"You are a helpful assistant.\"; \"\" for none)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config field, e.g. --set train.lr=1e-4 (repeatable)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: a GPU when there is one)")
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     plan = plan_finetune(args.checkpoint, args.data, out_dir=args.out, overrides=args.overrides,
                          val_fraction=args.val_fraction, max_steps=args.max_steps, resume=args.resume,
-                         device=args.device, progress=not args.quiet)
+                         system_prompt=args.system, device=args.device, progress=not args.quiet)
     print(plan.describe())
     result = run_finetune(plan)
     print(result.summary())

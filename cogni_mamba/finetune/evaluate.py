@@ -26,11 +26,13 @@ def greedy_replies(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict]]
     return replies
 
 
-def exact_match_rate(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], **kwargs) -> float:
+def exact_match_rate(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, system: str | None = None,
+                     **kwargs) -> float:
     """Share of (user prompt, expected reply) pairs whose greedy reply equals the expected one (stripped)."""
     if not pairs:
         return 0.0
-    prompts = [[{"role": "user", "content": prompt}] for prompt, _ in pairs]
+    head = [{"role": "system", "content": system}] if system else []
+    prompts = [[*head, {"role": "user", "content": prompt}] for prompt, _ in pairs]
     replies = greedy_replies(model, tokenizer, prompts, **kwargs)
     hits = sum(reply.strip() == expected.strip() for reply, (_, expected) in zip(replies, pairs, strict=True))
     return hits / len(pairs)

@@ -18,7 +18,14 @@ from ..config import Config, apply_overrides
 from ..errors import CogniError
 from ..train import checkpoint as ckpt
 from .chat_data import ChatFile, read_chat_file
-from .sft import ChatBatches, EncodeStats, encode_conversations, fixed_batches, split_train_val
+from .sft import (
+    ChatBatches,
+    EncodeStats,
+    add_system_prompt,
+    encode_conversations,
+    fixed_batches,
+    split_train_val,
+)
 
 SFT_LR_SCALE = 0.1  # fine-tuning starts from trained weights: a tenth of the pretraining LR is the default
 SFT_MAX_WARMUP = 20
@@ -107,9 +114,14 @@ def _encode_val(conversations: Sequence, tokenizer: Any, context: int) -> list:
 
 def plan_finetune(checkpoint: str | Path, data: str | Path, *, out_dir: str | Path | None = None,
                   overrides: Sequence[str] = (), val_fraction: float = 0.05, max_steps: int | None = None,
-                  resume: bool = False, device: str | None = None, progress: bool = True,
-                  log: Callable[[str], None] | None = None) -> FinetunePlan:
-    """Load the checkpoint and the chat data, split and encode it, and build the Trainer (no training yet)."""
+                  resume: bool = False, system_prompt: str | None = None, device: str | None = None,
+                  progress: bool = True, log: Callable[[str], None] | None = None) -> FinetunePlan:
+    """Load the checkpoint and the chat data, split and encode it, and build the Trainer (no training yet).
+
+    `system_prompt` (default: the Chatbot's default one; "" for none) is added to half of the
+    conversations that have no system message, chosen with the data seed.
+    """
+    from ..chat import DEFAULT_SYSTEM_PROMPT
     from ..model import CogniMamba
     from ..train import Trainer
     from ..train.distributed import current
@@ -126,7 +138,9 @@ def plan_finetune(checkpoint: str | Path, data: str | Path, *, out_dir: str | Pa
     tokenizer = _load_tokenizer(source)
     chat_file = read_chat_file(data)
     context = min(cfg.data.seq_len, cfg.model.max_seq_len)
-    train_convs, val_convs = split_train_val(chat_file.conversations, val_fraction, cfg.data.seed)
+    system = DEFAULT_SYSTEM_PROMPT if system_prompt is None else system_prompt
+    conversations = add_system_prompt(chat_file.conversations, system, cfg.data.seed)
+    train_convs, val_convs = split_train_val(conversations, val_fraction, cfg.data.seed)
     train_examples, train_stats = encode_conversations(train_convs, tokenizer, context)
     val_examples = _encode_val(val_convs, tokenizer, context)
 

@@ -91,6 +91,25 @@ def encode_conversations(conversations: Sequence[Sequence[dict]], tokenizer: Any
     return examples, stats
 
 
+def add_system_prompt(conversations: Sequence[list[dict]], text: str, seed: int,
+                      share: float = 0.5) -> list[list[dict]]:
+    """Give a seeded `share` of the conversations that have no system message the system message `text`.
+
+    The CLI chat sends a default system prompt while API clients often send none; training on both
+    kinds teaches the model to answer either way. An empty `text` leaves the conversations alone.
+    """
+    if not text:
+        return [list(c) for c in conversations]
+    rng = np.random.default_rng([seed, 7])
+    out = []
+    for messages in conversations:
+        lacks = not any(m["role"] == "system" for m in messages)
+        if lacks and rng.random() < share:
+            messages = [{"role": "system", "content": text}, *messages]
+        out.append(list(messages))
+    return out
+
+
 def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad examples to the longest one: (x, y) int64 tensors of shape (B, T)."""
     width = max(len(x) for x, _ in examples)
