@@ -216,15 +216,6 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
-    """True on every rank if `flag` is true on any rank (so all ranks take the same branch)."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def max_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:
     """The largest `value` of all ranks, on every rank (one collective for a ranked set of flags)."""
     if not info.enabled:
