@@ -139,6 +139,19 @@ def test_long_conversations_are_truncated_or_skipped_and_counted():
         encode_conversations([long_prompt], TOK, max_len=32)
 
 
+def test_system_prompt_goes_to_about_half_of_the_conversations_without_one():
+    from cogni_mamba.finetune.sft import add_system_prompt
+
+    plain = [[{"role": "user", "content": str(i)}, {"role": "assistant", "content": "ok"}] for i in range(400)]
+    own = [[{"role": "system", "content": "mine"}, *plain[0]]]
+    out = add_system_prompt(plain + own, "Be nice.", seed=3)
+    given = [c for c in out[:400] if c[0] == {"role": "system", "content": "Be nice."}]
+    assert 160 < len(given) < 240  # Binomial(400, 1/2): 5 standard deviations either side
+    assert all(c[1:] == p for c, p in zip(out[:400], plain, strict=True) if c in given)
+    assert out[400] == own[0] and add_system_prompt(plain + own, "Be nice.", seed=3) == out
+    assert add_system_prompt(plain, "", seed=3) == plain
+
+
 # --- batches --------------------------------------------------------------------------------------
 
 def numbered(n: int, length: int = 5) -> list[tuple[list[int], list[int]]]:
