@@ -28,7 +28,7 @@ from .dialogues import GREETING_WORDS, dialogue_text, generate_dialogue, is_gree
 from .stories import generate_story, vocabulary, words_of
 
 KINDS = ("stories", "dialogues", "code")
-DEFAULT_WEIGHTS = {"stories": 0.6, "dialogues": 0.3, "code": 0.1}
+DEFAULT_WEIGHTS = {"stories": 0.55, "dialogues": 0.4, "code": 0.05}
 DEFAULT_SIZE = 4_000_000
 _SPECIALS_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 

@@ -33,8 +33,7 @@ SYSTEM_PROMPTS = (
 )
 USER_GREETINGS = ("Hello!", "Hello!", "Hello!", "Hi!", "Hey!", "Hello there!", "Hi there!", "Hello, Cogni!",
                   "Hi, Cogni!", "Hey, how are you?", "Hello! How are you?", "Good morning!", "Good evening!", "Hi :)")
-GREETING_OPENERS = ("Hello!", "Hi!", "Hey!", "Hello there!", "Hi there!", "Greetings!", "Hello, friend!",
-                    "Hi, it is nice to see you!", "Howdy!")
+GREETING_OPENERS = ("Hello!", "Hi!", "Hey!", "Hello there!", "Hi there!", "Greetings!", "Hello, friend!", "Howdy!")
 GREETING_FOLLOWUPS = ("How can I help you today?", "It is nice to talk to you.", "What would you like to talk about?",
                       "Do you want to hear a story?", "I am happy to see you.", "How are you today?",
                       "What can I do for you?", "I am Cogni. How can I help?")
@@ -162,7 +161,7 @@ def generate_dialogue(rng: random.Random) -> list[dict[str, str]]:
     if rng.random() < 0.5:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     exchanges: list[tuple[str, str]] = []
-    if rng.random() < 0.55:
+    if rng.random() < 0.6:
         exchanges.append(greeting(rng))
     names = sorted(TOPICS)
     for _ in range(rng.randint(0 if exchanges else 1, 3)):
