@@ -67,6 +67,7 @@ class FinetunePlan:
     data: ChatFile
     train_stats: EncodeStats
     val_conversations: int
+    val_examples: int  # those with an assistant token within the context
     resume: bool
 
     def describe(self) -> str:
@@ -75,7 +76,7 @@ class FinetunePlan:
         context = min(self.config.data.seq_len, self.config.model.max_seq_len)
         lines = [self.data.summary(),
                  f"train: {self.train_stats.summary(context)}",
-                 f"val: {self.val_conversations:,} conversations",
+                 f"val: {self.val_conversations:,} conversations ({self.val_examples:,} usable within the context)",
                  f"fine-tuning {self.source} -> {self.out_dir}: {self.trainer.total_steps:,} steps of "
                  f"{t.batch_size} x {t.grad_accum} conversations, lr {t.lr:g}"
                  + (" (resuming)" if self.resume else "")]
@@ -152,7 +153,7 @@ def plan_finetune(checkpoint: str | Path, data: str | Path, *, out_dir: str | Pa
     ckpt.load_weights(model, source)  # weights only: the optimizer and schedule start anew
     trainer = Trainer(model, batches, val_batches, cfg.train, config=cfg, tokenizer=tokenizer, out_dir=out,
                       device=device, dist=dist, progress=progress, log=log)
-    return FinetunePlan(trainer, cfg, source, out, chat_file, train_stats, len(val_convs), resume)
+    return FinetunePlan(trainer, cfg, source, out, chat_file, train_stats, len(val_convs), len(val_examples), resume)
 
 
 def run_finetune(plan: FinetunePlan):
