@@ -41,7 +41,6 @@ DEFAULT_CORPUS_SIZE = 3_000_000
 STORY_PROMPTS = ("Once upon a time,", "One day, a little", "There once was")
 SCRIPT = ("Hello!", "What is your name?", "Tell me a story about a fox.", "What comes after 4?", "Thank you!")
 VAL_FRACTION = 0.05
-SAMPLE_RESERVE_S = 0  # samples come after the budget; the budget is for building and training
 
 
 @dataclass
@@ -227,7 +226,7 @@ def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: boo
     final = trainer.evaluate()
     say(f"training: {result.summary()}")
     return cfg, {"initial_val_loss": initial, "final_val_loss": final, "steps": result.steps,
-                 "tokens_seen": result.tokens_seen, "train_seconds": result.seconds}
+                 "tokens_seen": result.tokens_seen, "train_seconds": result.seconds, "stopped": result.stopped}
 
 
 # --- 5. samples ---------------------------------------------------------------------------------
@@ -301,18 +300,20 @@ def run_demo(options: DemoOptions, say: Say = print) -> tuple[DemoReport, object
         numbers = json.loads(report_path.read_text())
         say(f"training: reusing the checkpoint in {out / 'run'} (pass --retrain to train again)")
     else:
-        if options.retrain and (out / "run").exists():
+        report_path.unlink(missing_ok=True)
+        if (out / "run").exists():
             import shutil
 
-            shutil.rmtree(out / "run")  # a fresh run: old step checkpoints and metrics would mix in
+            shutil.rmtree(out / "run")  # a fresh run (retrain, or one cut short): old checkpoints and metrics would mix in
         build_s = time.time() - start
-        budget = options.minutes * 60 - build_s - SAMPLE_RESERVE_S
+        budget = options.minutes * 60 - build_s  # samples and chat come after the budget
         if budget < 10:
             raise CogniError(f"Building took {build_s:.0f} s of the {options.minutes:g}-minute budget, leaving too "
                              "little to train; pass a larger --minutes (the build is reused next time).")
         cfg, numbers = train_model(cfg, tokenizer, budget, say, options.progress)
         numbers["build_seconds"] = build_s
-        _write_atomic(report_path, lambda f: f.write(json.dumps(numbers, indent=2)))
+        if numbers.pop("stopped") != "signal":  # a run cut short by Ctrl-C is trained again next time
+            _write_atomic(report_path, lambda f: f.write(json.dumps(numbers, indent=2)))
     model, tokenizer, run_cfg = load_checkpoint_full(out / "run")
     report = DemoReport(**{k: numbers[k] for k in ("initial_val_loss", "final_val_loss", "steps", "tokens_seen",
                                                   "train_seconds", "build_seconds")}, reused=reused)
