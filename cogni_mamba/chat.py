@@ -52,8 +52,7 @@ class Chatbot:
         self.system_prompt = system_prompt
         self.turns: list[Message] = []
         self.finish_reason: str | None = None  # "stop" or "length" once a reply has ended
-        # A role token from the model means it started another turn: stop there as at <|end|> / EOS.
-        self.stop_ids = frozenset(tokenizer.chat_stop_ids) | frozenset(getattr(tokenizer, "role_ids", {}).values())
+        self.stop_ids = frozenset(tokenizer.chat_stop_ids)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> Chatbot:

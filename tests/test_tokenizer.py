@@ -143,7 +143,7 @@ def test_gpt2_known_ids_and_special_layout(gpt2):
     assert gpt2.real_vocab_size == 50257 + 5 and gpt2.vocab_size == 50304
     specials = [gpt2.pad_id, gpt2.end_id, *gpt2.role_ids.values()]
     assert sorted(specials) == list(range(50257, 50262))
-    assert set(gpt2.chat_stop_ids) == {gpt2.end_id, 50256}
+    assert set(gpt2.chat_stop_ids) == {gpt2.end_id, 50256, 50258, 50259, 50260}
 
 
 def test_gpt2_matches_naive_reference_on_whole_samples(gpt2, naive, stories, code_records):

@@ -104,11 +104,11 @@ def llama_config(config: ModelConfig, tokenizer, dtype: torch.dtype) -> dict[str
 
 
 def generation_config(cfg: Config, tokenizer) -> dict[str, Any]:
-    """generation_config.json: our default sampling, stopping at <|end|> (end of a chat turn) or EOS."""
+    """generation_config.json: our default sampling, stopping where our chat stops (<|end|>, EOS, role tokens)."""
     g = cfg.generation
     out: dict[str, Any] = {
         "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": [tokenizer.end_id, tokenizer.eos_id],
+        "eos_token_id": list(tokenizer.chat_stop_ids),
         "pad_token_id": tokenizer.pad_id,
         "max_new_tokens": g.max_new_tokens,
         "do_sample": g.temperature > 0,

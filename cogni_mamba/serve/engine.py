@@ -76,9 +76,8 @@ class Engine:
         return settings_with(self.generation, max_new_tokens=max_new_tokens, **changes)
 
     def chat_stop_ids(self) -> tuple[int, ...]:
-        """<|end|> and EOS end a reply; so does a role token (the model starting the next turn), as in the Chatbot."""
-        roles = getattr(self.tokenizer, "role_ids", {}).values()
-        return tuple(sorted({*self.tokenizer.chat_stop_ids, *roles}))
+        """The tokenizer's end-of-turn ids (<|end|>, EOS, and role tokens), as the Chatbot uses."""
+        return tuple(sorted(self.tokenizer.chat_stop_ids))
 
     def text_stop_ids(self) -> tuple[int, ...]:
         return (self.tokenizer.eos_id,)

@@ -121,7 +121,8 @@ class Tokenizer:
         self.pad_id = self.special_tokens[PAD_TOKEN]
         self.end_id = self.special_tokens[END_TOKEN]
         self.role_ids = {role: self.special_tokens[tok] for role, tok in ROLE_TOKENS.items()}
-        self.chat_stop_ids = (self.end_id, self.eos_id)  # either one ends an assistant turn
+        # <|end|> or EOS ends an assistant turn; a role token means the model began the next turn itself.
+        self.chat_stop_ids = (self.end_id, self.eos_id, *self.role_ids.values())
         self.special_ids = frozenset(i for i, t in hf.get_added_tokens_decoder().items() if t.special)
 
     def __repr__(self) -> str:
