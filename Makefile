@@ -32,7 +32,7 @@ install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
-	$(PY) -m cogni_mamba check $(ARGS)
+	$(PY) -m cogni_mamba demo $(ARGS)
 
 test: $(VENV)/.installed-dev
 	$(PY) -m ruff check .
