@@ -12,50 +12,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import time
 
 import torch
 
 from cogni_mamba.config import GenerationConfig, preset
+from cogni_mamba.export import to_transformers
 from cogni_mamba.generate import decode_n
 from cogni_mamba.model import CogniMamba
-
-HF_NAMES = [
-    (r"^tok_embeddings\.", "model.embed_tokens."),
-    (r"^layers\.(\d+)\.attention\.wq\.", r"model.layers.\1.self_attn.q_proj."),
-    (r"^layers\.(\d+)\.attention\.wk\.", r"model.layers.\1.self_attn.k_proj."),
-    (r"^layers\.(\d+)\.attention\.wv\.", r"model.layers.\1.self_attn.v_proj."),
-    (r"^layers\.(\d+)\.attention\.wo\.", r"model.layers.\1.self_attn.o_proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
-    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^norm\.", "model.norm."),
-    (r"^output\.", "lm_head."),
-]
-
-
-def to_llama(model: CogniMamba):
-    """The same weights in a transformers LlamaForCausalLM."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = model.config
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False,
-    ))
-    state = {}
-    for name, tensor in model.state_dict().items():
-        for pattern, repl in HF_NAMES:
-            name = re.sub(pattern, repl, name)
-        state[name] = tensor
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    return hf.eval()
 
 
 def ours(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
@@ -117,7 +81,7 @@ def main() -> None:
         cfg = dataclasses.replace(preset(args.preset).model, init_std=0.3)
         torch.manual_seed(0)
         model = CogniMamba(cfg).eval()
-    hf = to_llama(model)
+    hf = to_transformers(model).eval()
     print(f"model: {model.num_parameters() / 1e6:.2f}M parameters, {args.prompt_tokens}-token prompt, "
           f"{args.new_tokens} new tokens, greedy, CPU threads: {torch.get_num_threads()}")
     print(f"{'batch':>5} {'ours tok/s':>11} {'transformers tok/s':>19} {'ratio':>6}   "

@@ -22,7 +22,6 @@ memory and the first step's time (which includes compilation):
 from __future__ import annotations
 
 import argparse
-import re
 import time
 
 import torch
@@ -41,49 +40,12 @@ from common import (
     synthetic_batch,
 )
 
+from cogni_mamba.export import to_transformers
 from cogni_mamba.model import CogniMamba
 from cogni_mamba.stats import flops_per_token
 
-HF_NAMES = [
-    (r"^tok_embeddings\.", "model.embed_tokens."),
-    (r"^layers\.(\d+)\.attention\.wq\.", r"model.layers.\1.self_attn.q_proj."),
-    (r"^layers\.(\d+)\.attention\.wk\.", r"model.layers.\1.self_attn.k_proj."),
-    (r"^layers\.(\d+)\.attention\.wv\.", r"model.layers.\1.self_attn.v_proj."),
-    (r"^layers\.(\d+)\.attention\.wo\.", r"model.layers.\1.self_attn.o_proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w1\.", r"model.layers.\1.mlp.gate_proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w3\.", r"model.layers.\1.mlp.up_proj."),
-    (r"^layers\.(\d+)\.feed_forward\.w2\.", r"model.layers.\1.mlp.down_proj."),
-    (r"^layers\.(\d+)\.attention_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^norm\.", "model.norm."),
-    (r"^output\.", "lm_head."),
-]
-
 # Which (shape) each preset runs at: the nano preset's own batch; a smaller batch for tiny on a CPU.
 DEFAULT_SHAPES = {"nano": (16, 256), "tiny": (4, 256), "small": (4, 512), "medium": (4, 512), "large": (4, 512)}
-
-
-def to_llama(model: CogniMamba):
-    """A transformers LlamaForCausalLM (SDPA attention) holding the same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    c = model.config
-    hf_cfg = LlamaConfig(
-        vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_embeddings, attention_bias=False, mlp_bias=False, use_cache=False,
-    )
-    hf_cfg._attn_implementation = "sdpa"
-    hf = LlamaForCausalLM(hf_cfg).to(model.tok_embeddings.weight.device)
-    state = {}
-    for name, tensor in model.state_dict().items():
-        for pattern, repl in HF_NAMES:
-            name = re.sub(pattern, repl, name)
-        state[name] = tensor.clone()
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
-    return hf.train()
 
 
 def check_same_loss(ours: CogniMamba, hf, batch) -> None:
@@ -100,7 +62,8 @@ def compare(preset_name: str, precision: str, batch: int, seq_len: int, steps: i
     """Median tokens/s of both training steps, alternated, plus first-step (compile) times."""
     torch.manual_seed(0)
     ours = CogniMamba(model_config(RunSpec(preset=preset_name, seq_len=seq_len))).to(device).train()
-    hf = to_llama(ours)
+    hf = to_transformers(ours).train()
+    hf.config.use_cache = False  # no KV cache while training
     data = synthetic_batch(ours.config.vocab_size, batch, seq_len, seed=1, device=device)
     check_same_loss(ours, hf, data)
     steps_ours = TrainStep(ours, precision, device, compile=compile in ("ours", "both"))

@@ -7,10 +7,10 @@
 
 from .common import ExportError, chat_template_jinja, half_split_to_interleaved, interleaved_to_half_split
 from .gguf_file import GGUF_DTYPES, export_gguf
-from .hf import export_hf
+from .hf import export_hf, to_transformers
 from .hf_import import import_hf, import_to_checkpoint
 
 __all__ = [
     "GGUF_DTYPES", "ExportError", "chat_template_jinja", "export_gguf", "export_hf", "half_split_to_interleaved",
-    "import_hf", "import_to_checkpoint", "interleaved_to_half_split",
+    "import_hf", "import_to_checkpoint", "interleaved_to_half_split", "to_transformers",
 ]

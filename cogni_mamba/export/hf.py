@@ -73,8 +73,8 @@ def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> d
 
 
 def llama_config(config: ModelConfig, tokenizer, dtype: torch.dtype) -> dict[str, Any]:
-    """config.json of the equivalent `LlamaForCausalLM`."""
-    return {
+    """config.json of the equivalent `LlamaForCausalLM` (special-token ids only when a tokenizer is given)."""
+    out = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": config.vocab_size,
@@ -96,11 +96,30 @@ def llama_config(config: ModelConfig, tokenizer, dtype: torch.dtype) -> dict[str
         "pretraining_tp": 1,
         "tie_word_embeddings": config.tie_embeddings,
         "use_cache": True,
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
-        "pad_token_id": tokenizer.pad_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if tokenizer is not None:
+        out.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    return out
+
+
+def to_transformers(model: torch.nn.Module, *, attn_implementation: str = "sdpa"):
+    """A live `transformers.LlamaForCausalLM` holding a copy of the model's weights (same device, float32)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = unwrap(model).config
+    fields = llama_config(config, None, torch.float32)
+    for key in ("architectures", "model_type", "torch_dtype"):
+        fields.pop(key)
+    hf_cfg = LlamaConfig(**fields)
+    hf_cfg._attn_implementation = attn_implementation
+    hf = LlamaForCausalLM(hf_cfg)
+    missing, unexpected = hf.load_state_dict(hf_state_dict(model), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ExportError(f"Weights do not map onto LlamaForCausalLM (missing {missing}, unexpected {unexpected}).")
+    if config.tie_embeddings:
+        hf.tie_weights()
+    return hf.to(next(unwrap(model).parameters()).device)
 
 
 def generation_config(cfg: Config, tokenizer) -> dict[str, Any]:
