@@ -14,6 +14,7 @@
 #   3. the ablations at medium 4 x 512 (benchmarks/ablations.py), fp16 as the mixed precision
 #   4. medium bf16 + torch.compile, then fp16 + torch.compile (first-step column = compile time)
 #   5. our step against transformers' Llama, medium bf16, eager
+#   6. FSDP2 on CUDA through the trainer's own test (process group of one)
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -105,6 +106,12 @@ for precision in "${MIXED[@]}"; do
         benchmarks/train_throughput.py --ours-only "${SPEED[@]}" --precisions "$precision" --compile ours
 done
 step "Our training step against transformers' LlamaForCausalLM (SDPA), $NAME, same weights and step" 60 "${HF[@]}"
+if [[ $DRY == 0 ]]; then
+    # FSDP2 over nccl with a process group of one: sharded parameters on CUDA, losses, checkpoint and resume
+    # equal to plain training (needs pytest in $PY; two-GPU FSDP needs a machine with two GPUs).
+    step "FSDP2 on CUDA (nccl, process group of one)" 120 -m pytest -q -rs -p no:cacheprovider \
+        tests/test_train_distributed.py -k "group_of_one and cuda"
+fi
 note ""
 note "Total time of the check: $((SECONDS - START)) s."
 
