@@ -64,10 +64,10 @@ def test_attention_impl_routes_the_model_through_naive_attention_and_restores_sd
 # --- the transformers copy and the training step -------------------------------------------------
 
 def test_llama_copy_has_our_loss_and_synthetic_targets_match_hf_shift():
-    from train_throughput import to_llama
+    from cogni_mamba.export import to_transformers
 
     model = CogniMamba(SMALL)
-    hf = to_llama(model)
+    hf = to_transformers(model)
     x, y = common.synthetic_batch(SMALL.vocab_size, 3, 16, seed=0, device=torch.device("cpu"))
     assert torch.equal(y[:, :-1], x[:, 1:]) and bool((y[:, -1] == -100).all())
     with torch.no_grad():
