@@ -254,7 +254,7 @@ def _sigterm_run(run_dir: Path, target: str) -> tuple[subprocess.Popen, str]:
 
 def _assert_one_save_at_one_step(run_dir: Path, output: str) -> None:
     # Both ranks print to one pipe, so their lines may run together: find the summaries anywhere.
-    summaries = re.findall(r"(\w+): (\d+) steps, best val loss", output)
+    summaries = re.findall(r"(finished|signal|time): (\d+) steps, best val loss", output)
     assert len(summaries) == 2, output  # each rank returned from train() and printed its summary
     assert len(set(summaries)) == 1, summaries  # ... stopped at the same step, for the same reason
     reason, stopped = summaries[0][0], int(summaries[0][1])
