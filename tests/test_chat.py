@@ -15,13 +15,6 @@ from cogni_mamba.tokenizer import SimpleTokenizer
 GREEDY = GenerationConfig(temperature=0.0, max_new_tokens=48)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread avoids OpenMP hand-offs that dominate (and stall on a busy machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 

@@ -33,13 +33,6 @@ DOCS = ["Once upon a time a café fox sang.", "The lazy dog — très calme — 
 SEQ = 16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: extra intra-op threads only add contention (10-40x slower on a busy 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

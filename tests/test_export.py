@@ -30,13 +30,6 @@ CORPUS = [f"the {w} fox number {i} jumps over the lazy dog, said {w}." for i in 
           for w in ("quick", "brown", "red", "café")]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: extra intra-op threads only add contention (10-40x slower on a busy 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,6 @@ from cogni_mamba.model import CogniMamba
 GREEDY = GenerationConfig(temperature=0.0, top_k=None, top_p=None, max_new_tokens=200)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matrices: one thread avoids OpenMP hand-offs that dominate (and stall on a busy machine).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 
