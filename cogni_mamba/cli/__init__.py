@@ -11,8 +11,10 @@ import sys
 from ..errors import CogniError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMANDS = ("demo", "info", "check", "prepare", "tokenizer", "train", "generate", "chat", "make_chat_data", "finetune", "serve", "eval",
-            "export", "import_hf")
+COMMANDS = (
+    "demo", "info", "check", "tokenizer", "prepare", "train", "generate", "chat", "make_chat_data", "finetune",
+    "serve", "eval", "export", "import_hf",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
