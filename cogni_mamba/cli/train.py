@@ -74,10 +74,11 @@ def _tokenizer_for(cfg, out: Path, resume: bool):
     from ..tokenizer import load_tokenizer
     from ..train import checkpoint as ckpt
 
+    metas = {d: read_meta(d) for d in cfg.data.data_dirs}  # a wrong --data path is reported first
     saved = ckpt.find_checkpoint(out) / "tokenizer" if resume else None
     tokenizer = load_tokenizer(saved if saved is not None and saved.is_dir() else cfg.tokenizer)
-    for d in cfg.data.data_dirs:
-        if read_meta(d).get("tokenizer_fingerprint") != tokenizer.fingerprint:
+    for d, meta in metas.items():
+        if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint:
             raise CogniError(f"{d} was prepared with a different tokenizer than {cfg.tokenizer}; pass the "
                              "--tokenizer it was prepared with, or prepare the data again.")
     return tokenizer
