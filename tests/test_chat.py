@@ -11,6 +11,7 @@ from cogni_mamba.config import GenerationConfig, ModelConfig
 from cogni_mamba.errors import CogniError
 from cogni_mamba.model import CogniMamba
 from cogni_mamba.tokenizer import SimpleTokenizer
+from tests.references import naive_reply
 
 GREEDY = GenerationConfig(temperature=0.0, max_new_tokens=48)
 
@@ -33,22 +34,6 @@ def tiny_model(vocab: int, max_seq_len: int = 384) -> CogniMamba:
 @pytest.fixture(scope="module")
 def model(tok):
     return tiny_model(tok.vocab_size)
-
-
-@torch.no_grad()
-def naive_reply(model, tok, messages: list[dict], n: int) -> str:
-    """Greedy answer by full recomputation; it ends at <|end|>, EOS or any role token."""
-    ids, _ = tok.render_chat(messages, add_generation_prompt=True)
-    ids = list(ids)
-    stops = {*tok.chat_stop_ids, *tok.role_ids.values()}
-    out = []
-    for _ in range(n):
-        nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
-        if nxt in stops:
-            break
-        out.append(nxt)
-        ids.append(nxt)
-    return tok.decode(out, skip_special=True)
 
 
 def test_two_turns_match_the_naive_reference_and_pieces_join_to_the_text(model, tok):

@@ -23,6 +23,7 @@ from cogni_mamba.config import Config, GenerationConfig, ModelConfig
 from cogni_mamba.model import CogniMamba
 from cogni_mamba.tokenizer import SimpleTokenizer
 from cogni_mamba.train.checkpoint import save_checkpoint
+from tests.references import naive_reply
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "Be brief."
@@ -53,19 +54,6 @@ def make_checkpoint(root: Path, *, max_seq_len: int, silence_specials: bool = Fa
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("run"), max_seq_len=512)
-
-
-@torch.no_grad()
-def naive_reply(model, tok, messages: list[dict], n: int) -> str:
-    ids = list(tok.render_chat(messages, add_generation_prompt=True)[0])
-    stops, out = {*tok.chat_stop_ids, *tok.role_ids.values()}, []
-    for _ in range(n):
-        nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
-        if nxt in stops:
-            break
-        out.append(nxt)
-        ids.append(nxt)
-    return tok.decode(out, skip_special=True)
 
 
 def test_piped_chat_gives_the_expected_transcript(checkpoint, tmp_path):
