@@ -31,10 +31,21 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN has native bf16 kernels here (AVX512-BF16 / AMX); elsewhere it emulates bf16 slowly."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # private probe; absent in some builds
+        return False
+
+
 def supports_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast is supported and worth using on this device."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return device.type in ("cpu", "mps")
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return device.type == "mps"
 
 
 def supports_fp16(device: torch.device) -> bool:

@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 
+from ..device import cpu_has_native_bf16
 from ..errors import CogniError
 
 
@@ -22,7 +23,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         if device.type == "cpu":
-            return "bf16" if _cpu_has_bf16() else "fp32"
+            return "bf16" if cpu_has_native_bf16() else "fp32"
         return "fp32"  # other backends (MPS): bf16 support and speed vary too much to pick it blindly
     if name == "fp16" and device.type != "cuda":
         raise CogniError("Precision fp16 needs a CUDA GPU (loss scaling is CUDA-only here); "
@@ -30,13 +31,6 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise CogniError("This GPU does not support bf16; use --precision fp16 (or auto).")
     return name
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # private probe; absent in some builds
-        return False
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
