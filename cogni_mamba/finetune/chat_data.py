@@ -89,7 +89,7 @@ def parse_lines(lines: Iterable[tuple[int, str]], where: str) -> tuple[list[list
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            problems.append(f"{where}:{lineno}: not valid JSON ({e.msg} at column {e.colno})")
+            problems.append(f"{where}:{lineno}: not valid JSON ({e.msg.removesuffix(' at')}, column {e.colno})")
             continue
         try:
             conversations.append(conversation_of(record))
