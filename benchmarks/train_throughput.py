@@ -132,12 +132,6 @@ def main() -> None:
         print(markdown_table(["preset", "precision", "compiled", "batch x seq", "tok/s", "MFU (dense bf16 peak)",
                               "peak memory", "first step s"], rows))
         return
-    if args.ours_only:
-        rows = ours_only(args, device)
-        print()
-        print(markdown_table(["preset", "precision", "compiled", "batch x seq", "tok/s", "MFU (dense bf16 peak)",
-                              "peak memory", "first step s"], rows))
-        return
     rows = []
     for name in args.presets:
         batch, seq = DEFAULT_SHAPES.get(name, (4, 256))
