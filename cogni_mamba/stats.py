@@ -89,17 +89,19 @@ class TrainMemory:
     weights: int
     gradients: int
     optimizer: int
+    weight_casts: int  # autocast's 16-bit copies of the weights, kept for backward
     activations: int
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.weight_casts + self.activations
 
 
 def train_memory(cfg: ModelConfig, batch: int, seq_len: int, *, mixed: bool) -> TrainMemory:
-    """Training memory with AdamW: fp32 weights, gradients and two moments; autocast for `mixed`."""
+    """Training memory with AdamW: fp32 weights, gradients and two moments; autocast for `mixed`
+    also holds a 16-bit copy of every weight from the forward pass to the backward pass."""
     n = param_counts(cfg).total
-    return TrainMemory(weights=4 * n, gradients=4 * n, optimizer=8 * n,
+    return TrainMemory(weights=4 * n, gradients=4 * n, optimizer=8 * n, weight_casts=2 * n if mixed else 0,
                        activations=activation_bytes(cfg, batch, seq_len, mixed=mixed))
 
 

@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  {'':14}{'fp32':>12}{'mixed (bf16/fp16)':>20}")
     full = stats.train_memory(m, args.batch, args.seq, mixed=False)
     mixed = stats.train_memory(m, args.batch, args.seq, mixed=True)
-    for name in ("weights", "gradients", "optimizer", "activations", "total"):
-        print(f"  {name:14}{b(getattr(full, name)):>12}{b(getattr(mixed, name)):>20}")
+    for name in ("weights", "gradients", "optimizer", "weight_casts", "activations", "total"):
+        print(f"  {name.replace('_', ' '):14}{b(getattr(full, name)):>12}{b(getattr(mixed, name)):>20}")
 
     print(f"\ninference memory (batch 1, KV cache at the full context of {m.max_seq_len})")
     print(f"  {'':14}{'fp32':>12}{'bf16/fp16':>12}")
