@@ -25,7 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=5.0,
                    help="time budget for building and training (default 5; samples and chat come after)")
-    p.add_argument("--out", default="runs/demo", help="folder for the corpus, tokenizer, shards and run")
+    p.add_argument("--out", default="runs/demo", help="folder for the corpus, tokenizer, shards and run (default runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus, the split and training (default 0)")
     p.add_argument("--corpus-size", default="3M", metavar="CHARS",
                    help="built-in corpus size in characters, e.g. 500k or 3M (default 3M)")
