@@ -30,8 +30,8 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny):
-    """One server with the defaults (no key, 4 generations at once) for this module's tests."""
-    with live_server(tiny.path) as s:
+    """One server with the defaults (no key) but 4 generations at once, so concurrent decoding is exercised."""
+    with live_server(tiny.path, "--max-concurrency", "4") as s:
         yield s
 
 

@@ -142,7 +142,7 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(tiny):
     results: dict[str, object] = {}
     body = {"messages": HELLO, "max_tokens": n, "temperature": 0}
 
-    with live_server(tiny.path) as server:
+    with live_server(tiny.path, "--max-concurrency", "2") as server:
         def whole() -> None:
             r = httpx.post(server.url + CHAT, json=body, timeout=300)
             results["whole"] = (r.status_code, r.json())
@@ -211,3 +211,9 @@ def test_a_stop_token_ends_the_reply_with_finish_reason_stop(tiny):
     text = "".join(engine.run(job))
     assert text == bytes(reply).decode("utf-8", errors="replace")
     assert job.finish_reason == "stop" and job.completion_tokens == len(reply)
+
+
+def test_cpu_default_runs_one_generation_at_a_time(tiny):
+    # On a CPU one generation already keeps every core busy, so the default queues the rest.
+    with live_server(tiny.path) as s:  # LiveServer passes --device cpu
+        assert s.health()["max_concurrency"] == 1
