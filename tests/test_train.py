@@ -371,3 +371,38 @@ def metrics_records(run: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- a time budget shortens the schedule ------------------------------------------------------------
+
+def test_fit_to_budget_by_hand():
+    from cogni_mamba.train.trainer import fit_to_budget
+
+    # 10 steps in 20 s (2 s a step) of a 100 s budget: 40 more steps fit -> 50, below the planned 200
+    assert fit_to_budget(10, 10, 20.0, 100.0, 200) == 50
+    assert fit_to_budget(10, 10, 20.0, 100.0, 30) == 30  # never more than planned
+    assert fit_to_budget(10, 10, 120.0, 100.0, 200) == 10  # out of time: end here
+    assert fit_to_budget(10, 0, 0.0, 100.0, 200) == 200  # no pace yet
+
+
+def test_time_budget_ends_the_schedule_at_min_lr(tmp_path, monkeypatch):
+    import time
+    import types
+
+    from cogni_mamba.train import trainer as trainer_module
+
+    clock = {"now": 1000.0}
+
+    def fake_time() -> float:  # the loop reads the wall clock once per step: one second a step
+        clock["now"] += 1.0
+        return clock["now"]
+
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(time=fake_time, perf_counter=time.perf_counter))
+    t = make_trainer(tmp_path, max_steps=500, max_minutes=0.5, eval_interval=5, save_interval=1000)
+    result = t.train()
+    # A 30 s budget at about one second a step: the schedule shrinks from 500 steps to about 30 and ends
+    # there, at min_lr, instead of being cut off by the clock near the start of the cosine.
+    assert result.stopped == "finished" and result.steps == t.total_steps and 20 <= result.steps <= 30
+    lrs = [m["lr"] for m in metrics_records(tmp_path / "run") if "lr" in m]
+    assert lrs[-1] == pytest.approx(lr_at(result.steps - 1, t.cfg, t.total_steps), rel=1e-6)
+    assert lrs[-1] < 3e-4 * 1.5  # the last step ran at (about) min_lr

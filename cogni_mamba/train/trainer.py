@@ -111,6 +111,18 @@ def plan_steps(cfg: TrainConfig, batches: Any) -> tuple[int, int | None]:
     return cfg.epochs * steps_per_epoch, steps_per_epoch
 
 
+def fit_to_budget(step: int, steps_taken: int, elapsed_s: float, budget_s: float, planned: int) -> int:
+    """The step count that ends within the time budget at the pace so far, never more than planned.
+
+    With a time budget the cosine schedule then reaches min_lr when the time runs out, instead of the
+    run being cut off halfway down the schedule.
+    """
+    if steps_taken <= 0 or elapsed_s <= 0:
+        return planned
+    pace = elapsed_s / steps_taken  # seconds per step, evaluations and checkpoints included
+    return max(step, min(planned, step + int((budget_s - elapsed_s) / pace)))
+
+
 class Trainer:
     """Trains `model` on `train_batches`, evaluating on the fixed `val_batches`, writing to `out_dir`."""
 
@@ -398,7 +410,8 @@ class Trainer:
         """Run until the step budget, a signal, or the time budget; save and return a summary."""
         from tqdm import tqdm
 
-        start = time.time()
+        start, first_step = time.time(), self.step
+        budget_s = 60 * self.cfg.max_minutes if self.cfg.max_minutes is not None else None
         stopped = "finished"
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.progress)
@@ -408,12 +421,15 @@ class Trainer:
                 while self.step < self.total_steps:
                     out = self._guarded_step()
                     self._record_step(out, bar)
-                    over_time = self.cfg.max_minutes is not None and time.time() - start > 60 * self.cfg.max_minutes
+                    elapsed = time.time() - start
+                    over_time = budget_s is not None and elapsed > budget_s
                     # 2: a signal reached some rank, 1: out of time. Every rank stops at this same step even
                     # when the signal reached only one of them, and all name the same reason.
                     stop = max_over_ranks(2 if self._stop else int(over_time), self.dist, self.device)
                     saved = False
                     if out.applied:
+                        if budget_s is not None and self.step % self.cfg.eval_interval == 0:
+                            self._fit_schedule(elapsed, self.step - first_step, budget_s, bar)
                         epoch_end = bool(self.steps_per_epoch) and self.step % self.steps_per_epoch == 0
                         last = self.step >= self.total_steps
                         improved = False
@@ -431,6 +447,15 @@ class Trainer:
             bar.close()
         return TrainResult(self.step, self.best_val_loss, self.tokens_seen, time.time() - start, self.bad_steps,
                            stopped)
+
+    def _fit_schedule(self, elapsed: float, steps_taken: int, budget_s: float, bar: Any) -> None:
+        """Shorten the schedule so it ends within the time budget (the same on every rank)."""
+        fit = fit_to_budget(self.step, steps_taken, elapsed, budget_s, self.total_steps)
+        fit = -max_over_ranks(-fit, self.dist, self.device)  # the smallest over ranks
+        if fit < self.total_steps:
+            self.total_steps = fit
+            bar.total = fit
+            bar.refresh()
 
     def _guarded_step(self) -> StepOutcome:
         """train_step with out-of-memory turned into advice and non-finite steps counted."""
