@@ -17,3 +17,17 @@ def naive_reply(model, tok, messages: list[dict], n: int) -> str:
         out.append(nxt)
         ids.append(nxt)
     return tok.decode(out, skip_special=True)
+
+
+def logged_losses(run_dir) -> dict[int, float]:
+    """step -> training loss from a run's metrics.jsonl, read plainly (a step logged twice fails)."""
+    import json
+    from pathlib import Path
+
+    out: dict[int, float] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            assert r["step"] not in out, f"step {r['step']} logged twice"
+            out[r["step"]] = r["loss"]
+    return out

@@ -30,6 +30,7 @@ from cogni_mamba.config import ConfigError, TrainConfig  # noqa: E402
 from cogni_mamba.errors import CogniError  # noqa: E402
 from cogni_mamba.model import CogniMamba  # noqa: E402
 from cogni_mamba.train.trainer import Trainer  # noqa: E402
+from tests.references import logged_losses  # noqa: E402
 
 WORKER = Path(__file__).with_name("train_worker.py")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -41,17 +42,6 @@ def run(cmd: list[str], timeout: float = 120) -> str:
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> training loss from metrics.jsonl (a step logged twice fails)."""
-    out: dict[int, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            assert r["step"] not in out, f"step {r['step']} logged twice"
-            out[r["step"]] = r["loss"]
-    return out
 
 
 def assert_losses_close(got: dict[int, float], want: dict[int, float], steps: range) -> None:
@@ -81,7 +71,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_two_process_fsdp_equals_one_process(runs):
-    single, fsdp = losses(runs["single"]), losses(runs["fsdp"])
+    single, fsdp = logged_losses(runs["single"]), logged_losses(runs["fsdp"])
     assert_losses_close(fsdp, single, range(1, 9))
     val = [json.loads(line)["val_loss"] for line in (runs["fsdp"] / "metrics.jsonl").read_text().splitlines()
            if "val_loss" in line]
@@ -124,7 +114,7 @@ def test_fsdp_resumes_its_own_checkpoint(runs, tmp_path):
     rewind(resumed, "step-4")
     out = run([*TORCHRUN, "--out", str(resumed), *RUN_ARGS, "--parallel", "fsdp", "--resume"], timeout=180)
     assert "resumed from" in out and "at step 4" in out
-    assert_losses_close(losses(resumed), losses(runs["single"]), range(1, 9))
+    assert_losses_close(logged_losses(resumed), logged_losses(runs["single"]), range(1, 9))
 
 
 @pytest.mark.slow
@@ -135,7 +125,7 @@ def test_fsdp_resumes_a_single_process_checkpoint(runs, tmp_path):
     shutil.copytree(runs["single"], resumed)
     rewind(resumed, "step-4")
     run([*TORCHRUN, "--out", str(resumed), *RUN_ARGS, "--parallel", "fsdp", "--resume"], timeout=180)
-    assert_losses_close(losses(resumed), losses(runs["single"]), range(1, 9))
+    assert_losses_close(logged_losses(resumed), logged_losses(runs["single"]), range(1, 9))
 
 
 def _one_process_run(out: Path, device: str, parallel: str, *, resume: bool = False) -> Trainer:
@@ -187,8 +177,8 @@ def test_fsdp_over_a_group_of_one_equals_plain_training(tmp_path, group_of_one):
     assert isinstance(weight, DTensor) and weight.device.type == device
     plain = _one_process_run(tmp_path / "plain", device, "ddp")
     assert not is_sharded(plain.raw_model)
-    want = losses(tmp_path / "plain")
-    for step, loss in losses(tmp_path / "fsdp").items():
+    want = logged_losses(tmp_path / "plain")
+    for step, loss in logged_losses(tmp_path / "fsdp").items():
         assert loss == pytest.approx(want[step], rel=tol), step
 
     m_plain, _ = load_checkpoint(tmp_path / "plain")
@@ -198,7 +188,7 @@ def test_fsdp_over_a_group_of_one_equals_plain_training(tmp_path, group_of_one):
 
     rewind(tmp_path / "fsdp", "step-3")
     _one_process_run(tmp_path / "fsdp", device, "fsdp", resume=True)
-    resumed = losses(tmp_path / "fsdp")
+    resumed = logged_losses(tmp_path / "fsdp")
     assert sorted(resumed) == list(range(1, 7))
     for step, loss in resumed.items():
         assert loss == pytest.approx(want[step], rel=tol), step
@@ -260,7 +250,7 @@ def _assert_one_save_at_one_step(run_dir: Path, output: str) -> None:
     reason, stopped = summaries[0][0], int(summaries[0][1])
     assert reason == "signal"
     assert 5 <= stopped < 100
-    assert max(losses(run_dir)) == stopped
+    assert max(logged_losses(run_dir)) == stopped
     # One checkpoint, at that step (no periodic save is due before step 100), whole and named by `latest`.
     assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == [f"step-{stopped}"]
     assert (run_dir / "latest").read_text().strip() == f"step-{stopped}"

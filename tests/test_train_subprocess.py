@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.references import logged_losses
+
 pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -25,17 +27,6 @@ def run_worker(out: Path, *args: str, timeout: float = 120) -> subprocess.Comple
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
-
-
-def losses(run: Path) -> dict[int, float]:
-    """step -> training loss from metrics.jsonl (every record, so a duplicated step would show)."""
-    out: dict[int, float] = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            assert r["step"] not in out, f"step {r['step']} logged twice"
-            out[r["step"]] = r["loss"]
-    return out
 
 
 def last_step(run: Path) -> int:
@@ -58,7 +49,7 @@ def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float =
 def test_sigkill_then_resume_reproduces_every_loss(tmp_path):
     args = ["--steps", "40", "--save-interval", "7", "--eval-interval", "10", "--dropout", "0.1"]
     run_worker(tmp_path / "ref", *args)
-    reference = losses(tmp_path / "ref")
+    reference = logged_losses(tmp_path / "ref")
     assert sorted(reference) == list(range(1, 41))
 
     kill_at = random.Random().randint(8, 34)  # after the first checkpoint (step 7)
@@ -75,7 +66,7 @@ def test_sigkill_then_resume_reproduces_every_loss(tmp_path):
     assert killed_at < 40, f"the run finished before the kill (aimed at step {kill_at})"
 
     run_worker(run, *args, "--resume")
-    resumed = losses(run)
+    resumed = logged_losses(run)
     assert sorted(resumed) == list(range(1, 41)), f"killed near step {killed_at}"
     assert resumed == reference, f"killed near step {killed_at}"  # exact: fp32, deterministic CPU ops
 
@@ -93,7 +84,7 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
         proc.kill()
     assert proc.returncode == 0, output
     assert "SIGTERM" in output
-    stopped = max(losses(run))
+    stopped = max(logged_losses(run))
     assert 5 <= stopped < 200
     assert (run / "latest").read_text().strip() == f"step-{stopped}"
     state = torch.load(run / f"step-{stopped}" / "train_state.pt", weights_only=True)
@@ -108,7 +99,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
-    one, two = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    one, two = logged_losses(tmp_path / "single"), logged_losses(tmp_path / "ddp")
     assert sorted(two) == list(range(1, 9))
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), step
