@@ -1,0 +1,1 @@
+"""Inference: the continuous-batching engine, its KV cache, streaming text and precision."""

@@ -1,0 +1,85 @@
+"""Inference precision: which dtype the weights run in, and preparing a model for decoding.
+
+`resolve_inference_dtype("auto", device)` picks bf16 where the hardware computes it natively
+(CPUs with AVX512-BF16 / AMX, probed by `device.cpu_has_native_bf16`; CUDA GPUs with native bf16)
+and fp32 elsewhere. `prepare_model` puts a model in eval mode with its weights in that dtype; the
+KV cache follows the weights' dtype (`model.new_cache`), RMSNorm computes in fp32 whatever the
+weights, and the rotary tables stay fp32 (they are cast once per forward).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..device import cpu_has_native_bf16
+from ..errors import CogniError
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+QUANTIZATIONS = ("int8",)
+
+
+def resolve_inference_dtype(name: str, device) -> torch.dtype:
+    """The weights' dtype for `name` ("auto", "bf16" or "fp32") on `device`."""
+    device = torch.device(device)
+    if name == "auto":
+        return torch.bfloat16 if _native_bf16(device) else torch.float32
+    if name not in DTYPES:
+        raise CogniError(f"Unknown inference dtype {name!r}; use auto, bf16 or fp32.")
+    return DTYPES[name]
+
+
+def _native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False  # MPS and others: bf16 support and speed vary too much to pick it blindly
+
+
+def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None = None) -> nn.Module:
+    """`model` in eval mode with its parameters cast to `dtype` (buffers such as the rotary tables keep
+    fp32); with quantize="int8", its Linear layers hold int8 weights with one scale per output row."""
+    if quantize not in (None, *QUANTIZATIONS):
+        raise CogniError(f"Unknown quantization {quantize!r}; use int8 or leave it unset.")
+    model.eval()
+    for param in model.parameters():  # tied weights are one Parameter: cast once
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    if quantize == "int8":
+        quantize_int8(model)
+    return model
+
+
+class Int8Linear(nn.Module):
+    """A bias-free Linear with int8 weights and a per-output-row scale (weight-only quantization):
+    activations stay in the model's dtype and the product is torch's fused int8-weight kernel."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise CogniError("int8 quantization supports Linear layers without bias only.")
+        weight = linear.weight.detach()
+        w32 = weight.float()
+        scale = (w32.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (out,)
+        self.register_buffer("weight", torch.round(w32 / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(weight.dtype))
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale.to(x.dtype))
+        return y.view(*shape[:-1], self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """The float weight this layer stands for: (out, in)."""
+        return self.weight.float() * self.scale.float()[:, None]
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace every bias-free nn.Linear of `model` (in place) with an Int8Linear; the embedding stays."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is None:
+                setattr(module, name, Int8Linear(child))
+    return model
