@@ -72,7 +72,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     if args.checkpoint:
-        from cogni_mamba.train.checkpoint import load_checkpoint
+        from cogni_mamba.checkpoint import load_checkpoint
 
         model, _ = load_checkpoint(args.checkpoint)
     else:

@@ -18,7 +18,7 @@ def __getattr__(name):
         from .tokenizer import load_tokenizer
         return load_tokenizer
     if name == "load_checkpoint":
-        from .train.checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint
         return load_checkpoint
     if name == "Chatbot":
         from .chat import Chatbot

@@ -57,7 +57,7 @@ class Chatbot:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> Chatbot:
         """A Chatbot for a checkpoint (or run) directory, with its saved generation settings."""
-        from .train.checkpoint import load_checkpoint_full
+        from .checkpoint import load_checkpoint_full
 
         model, tokenizer, config = load_checkpoint_full(path, device)
         if tokenizer is None:

@@ -274,7 +274,7 @@ def vocabulary_rate(texts: list[str]) -> float:
 # --- the whole demo -------------------------------------------------------------------------------
 
 def _trained(run: Path, report_path: Path) -> bool:
-    from .train.checkpoint import CheckpointError, find_checkpoint
+    from .checkpoint import CheckpointError, find_checkpoint
 
     try:
         find_checkpoint(run)
@@ -286,7 +286,7 @@ def _trained(run: Path, report_path: Path) -> bool:
 def run_demo(options: DemoOptions, say: Say = print) -> tuple[DemoReport, object]:
     """Build (or reuse) everything, train (or reuse the checkpoint), sample; returns the report and the Chatbot."""
     from .chat import Chatbot
-    from .train.checkpoint import load_checkpoint_full
+    from .checkpoint import load_checkpoint_full
 
     start = time.time()
     out = Path(options.out)

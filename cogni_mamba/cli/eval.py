@@ -66,10 +66,10 @@ def print_samples(model, tok, tokens, config, n: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_checkpoint_full
     from ..device import resolve_device
     from ..errors import CogniError
     from ..evaluate import eval_stream, evaluate_stream, load_eval_tokens, token_byte_lengths
-    from ..train.checkpoint import load_checkpoint_full
 
     model, tok, config = load_checkpoint_full(args.checkpoint, resolve_device(args.device))
     if tok is None:

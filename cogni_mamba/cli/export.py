@@ -30,9 +30,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_checkpoint_full
     from ..export import export_gguf, export_hf
     from ..tokenizer import load_tokenizer
-    from ..train.checkpoint import load_checkpoint_full
 
     model, tok, config = load_checkpoint_full(args.checkpoint, prefer_best=args.best)
     if args.tokenizer:

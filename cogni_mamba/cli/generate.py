@@ -43,10 +43,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoint import load_checkpoint_full
     from ..device import resolve_device
     from ..errors import CogniError
     from ..generate import StopStrings, decode_n, settings_with
-    from ..train.checkpoint import load_checkpoint_full
 
     if args.n < 1:
         raise CogniError(f"--n must be at least 1, got {args.n}.")

@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import unwrap
 from ..config import Config, ModelConfig
-from ..train.distributed import unwrap
 from .common import (
     ExportError,
     chat_template_jinja,

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from ..checkpoint import unwrap
 from ..config import Config, ModelConfig
 from ..tokenizer.specials import END_TOKEN, EOS_TOKEN, PAD_TOKEN, ROLE_TOKENS
-from ..train.distributed import unwrap
 from .common import ExportError, chat_template_jinja, check_target, write_dir_atomically
 
 # Our parameter name -> HF's, per layer ({i} is the layer index) and for the rest of the model.

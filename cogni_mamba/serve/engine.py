@@ -49,7 +49,7 @@ class Engine:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: Any = "cpu", *, name: str | None = None) -> Engine:
         """Load a checkpoint (or a run directory's latest) for serving."""
-        from ..train.checkpoint import find_checkpoint, load_checkpoint_full
+        from ..checkpoint import find_checkpoint, load_checkpoint_full
 
         model, tokenizer, config = load_checkpoint_full(path, device)
         if tokenizer is None:

@@ -1,15 +1,9 @@
-"""The one save/load path for checkpoints.
+"""Writing checkpoints (and reading what only training needs: wrapped/sharded weights, train_state.pt).
 
-A checkpoint is a directory:
-
-    model.safetensors   weights (no `_orig_mod.` / `module.` prefixes; a tied head is stored once)
-    config.json         the whole Config
-    tokenizer/          the tokenizer that produced the training data (when one was given)
-    train_state.pt      optimizer, scaler, step, epoch, loader and RNG states (tensors and plain types only)
-    complete.json       written last: a directory without it is an interrupted save and is never used
-
-It is written into a hidden temp directory beside its final place, every file is fsynced, and the
-directory is renamed into place; only then is the run's `latest` pointer (a text file naming the
+The format, finding and plain reading live in `cogni_mamba.checkpoint` (imported again here, so
+`from cogni_mamba.train.checkpoint import load_checkpoint` keeps working). A checkpoint is written
+into a hidden temp directory beside its final place, every file is fsynced, and the directory is
+renamed into place; only then is the run's `latest` pointer (a text file naming the
 directory) replaced, also atomically. A kill at any moment leaves the previous checkpoint whole.
 Loading never unpickles code: safetensors for weights, `torch.load(weights_only=True)` for the rest.
 """
@@ -26,23 +20,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..config import Config, ConfigError, from_dict, to_dict
-from ..errors import CogniError
+from .. import checkpoint as _read
+from ..checkpoint import (  # noqa: F401  (the reading side, re-exported for training code)
+    LATEST,
+    MARKER,
+    TRAIN_STATE,
+    WEIGHTS,
+    CheckpointError,
+    _marker_step,
+    find_checkpoint,
+    is_complete,
+    load_checkpoint,
+    load_checkpoint_full,
+    load_config_of,
+    read_pointer,
+    read_weights,
+    shared_tensor_aliases,
+)
+from ..config import Config, to_dict
 from .distributed import is_sharded, load_full_model_state, tied_names, unwrap
 
-MARKER = "complete.json"
-LATEST = "latest"
-WEIGHTS = "model.safetensors"
-TRAIN_STATE = "train_state.pt"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(CogniError):
-    """A missing, incomplete, incompatible or unsafe checkpoint."""
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -74,16 +75,8 @@ def weights_for_saving(model: nn.Module, state: dict[str, torch.Tensor] | None =
     here and re-tied by the model's constructor on load.
     """
     state = unwrap(model).state_dict() if state is None else state
-    kept: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, t in state.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        kept[name] = t.detach().to("cpu").contiguous()
+    aliases = shared_tensor_aliases(state)
+    kept = {name: t.detach().to("cpu").contiguous() for name, t in state.items() if name not in aliases}
     return kept, aliases
 
 
@@ -190,91 +183,18 @@ def remove_stale_temps(run_dir: str | Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-# --- finding ------------------------------------------------------------------------------------
-
-def is_complete(path: Path) -> bool:
-    """True for a checkpoint directory whose save finished."""
-    return (path / MARKER).is_file() and (path / WEIGHTS).is_file() and (path / "config.json").is_file()
-
-
-def read_pointer(run_dir: Path, pointer: str = LATEST) -> str | None:
-    """The directory name a pointer file holds, or None."""
-    try:
-        name = (run_dir / pointer).read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return name if name and "/" not in name and name not in (".", "..") else None
-
-
-def _marker_step(path: Path) -> int:
-    try:
-        return int(json.loads((path / MARKER).read_text(encoding="utf-8")).get("step", -1))
-    except (OSError, ValueError, AttributeError):
-        return -1
-
-
-def find_checkpoint(path: str | Path, *, prefer_best: bool = False) -> Path:
-    """The checkpoint directory meant by `path`: itself, or in a run directory `best`/`latest`.
-
-    In a run directory `latest` is followed when it names a complete checkpoint; otherwise the
-    complete checkpoint with the highest step is taken. Incomplete directories are never chosen.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"Checkpoint path {path} does not exist; pass a checkpoint or run directory "
-                              "written by `cogni-mamba train`.")
-    if is_complete(path):
-        return path
-    if (path / WEIGHTS).exists():
-        raise CheckpointError(f"Checkpoint {path} is incomplete (its save was interrupted); "
-                              "use an earlier checkpoint or the run directory.")
-    if path.is_dir():
-        if prefer_best and is_complete(path / "best"):
-            return path / "best"
-        name = read_pointer(path)
-        if name and is_complete(path / name):
-            return path / name
-        candidates = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete(p)]
-        if candidates:
-            return max(candidates, key=lambda p: (_marker_step(p), p.name != "best", p.stat().st_mtime))
-    raise CheckpointError(f"No complete checkpoint found in {path}; train one with `cogni-mamba train` "
-                          "or pass a checkpoint directory.")
-
-
 # --- reading ------------------------------------------------------------------------------------
 
-def load_config_of(ckpt: Path) -> Config:
-    """The Config stored beside a checkpoint's weights."""
-    try:
-        data = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
-        return from_dict(data, Config())
-    except (OSError, ValueError, ConfigError) as e:
-        raise CheckpointError(f"Checkpoint {ckpt} has an unreadable or incompatible config.json ({e}); "
-                              "it was not written by this version of cogni-mamba.") from None
-
-
 def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:
-    """Load model.safetensors into `model` (unwrapped, or sharded by FSDP2), insisting that every tensor matches."""
-    try:
-        tensors = load_file(str(ckpt / WEIGHTS), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"Checkpoint {ckpt} has unreadable weights ({e}); use another checkpoint.") from None
+    """Load model.safetensors into `model` (wrapped by DDP / torch.compile, or sharded by FSDP2)."""
     target = unwrap(model)
-    expected = target.state_dict()
-    aliases = tied_names(target) if is_sharded(target) else weights_for_saving(target)[1]
-    missing = [k for k in expected if k not in tensors and k not in aliases]
-    unexpected = [k for k in tensors if k not in expected]
-    wrong = [k for k in tensors if k in expected and tensors[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        first = (missing or unexpected or wrong)[0]
-        raise CheckpointError(f"Checkpoint {ckpt} does not match the model its config.json describes "
-                              f"(first mismatched tensor: {first}); it was saved by a different model version.")
-    if is_sharded(target):  # each rank keeps its shard of the full tensors
-        load_full_model_state(target, {**tensors, **{a: tensors[k] for a, k in aliases.items()}})
+    if not is_sharded(target):
+        _read.load_weights(target, ckpt, device)
         return
-    with torch.no_grad():
-        for name, t in tensors.items():
-            expected[name].copy_(t)
+    aliases = tied_names(target)
+    tensors = read_weights(ckpt, target.state_dict(), aliases, device)
+    # each rank keeps its shard of the full tensors
+    load_full_model_state(target, {**tensors, **{a: tensors[k] for a, k in aliases.items()}})
 
 
 def load_train_state(ckpt: Path) -> dict:
@@ -292,32 +212,3 @@ def load_train_state(ckpt: Path) -> dict:
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a cogni-mamba training state; start a new run instead of --resume.")
     return state
-
-
-def load_checkpoint_full(path: str | Path, device: str | torch.device = "cpu", *,
-                         prefer_best: bool = False) -> tuple[nn.Module, Any, Config]:
-    """(model in eval mode, tokenizer or None, Config) from a checkpoint or run directory."""
-    from ..model import CogniMamba
-
-    ckpt = find_checkpoint(path, prefer_best=prefer_best)
-    config = load_config_of(ckpt)
-    model = CogniMamba(config.model)
-    load_weights(model, ckpt)
-    model.to(device).eval()
-    tokenizer = None
-    if (ckpt / "tokenizer").is_dir():
-        from ..tokenizer import load_tokenizer
-
-        tokenizer = load_tokenizer(ckpt / "tokenizer")
-        vocab = getattr(tokenizer, "vocab_size", None)
-        if vocab is not None and vocab > config.model.vocab_size:
-            raise CheckpointError(f"Checkpoint {ckpt}: its tokenizer has {vocab} tokens but the model only "
-                                  f"{config.model.vocab_size}; the checkpoint is inconsistent.")
-    return model, tokenizer, config
-
-
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *,
-                    prefer_best: bool = False) -> tuple[nn.Module, Any]:
-    """(model in eval mode, tokenizer) from a checkpoint directory, or a run directory's latest (or best)."""
-    model, tokenizer, _ = load_checkpoint_full(path, device, prefer_best=prefer_best)
-    return model, tokenizer
