@@ -77,6 +77,8 @@ class KVCache:
 
     `length` is the number of filled slots, shared by all rows. `pad` holds, per row, how many of
     its first slots are left padding; those slots are masked as keys and shift the row's positions.
+    The model talks to a cache only through `positions`, `mask`, `update`, `advance` and `max_len`,
+    so other layouts (the inference engine's `SlotCache`, with a length per row) plug in the same way.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int, *, device=None, dtype=torch.float32,
@@ -102,8 +104,14 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def advance(self, T: int) -> None:
+        """Mark the T slots just written by `update` (every layer) as filled."""
+        self.length += T
+
     def positions(self, T: int) -> torch.Tensor:
         """Rotary positions of the next T slots: (T,), or (B, T) when rows are padded."""
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; cannot add {T} to {self.length}.")
         slots = torch.arange(self.length, self.length + T, device=self.k.device)
         if self.pad is None:
             return slots
@@ -210,17 +218,16 @@ class CogniMamba(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, last_only: bool = False):
+                cache: KVCache | None = None, last_only: bool = False, return_logits: bool = True):
         """Logits for every position (or the last one); with `targets`, also the mean cross-entropy.
 
         With a cache, `input_ids` continue the sequence stored in it and the cache advances by T.
-        Targets equal to -100 are ignored.
+        Targets equal to -100 are ignored. `return_logits=False` (training) returns (None, loss)
+        from `linear_cross_entropy`, which never holds the full (B, T, V) logits.
         """
         B, T = input_ids.shape
-        if cache is not None:
-            if cache.length + T > cache.max_len:
-                raise ValueError(f"KV cache holds {cache.max_len} tokens; cannot add {T} to {cache.length}.")
-            positions, mask, end = cache.positions(T), cache.mask(T), cache.length + T
+        if cache is not None:  # positions() refuses T tokens beyond the cache's room
+            positions, mask, end = cache.positions(T), cache.mask(T), cache.max_len
         else:
             positions, mask, end = torch.arange(T, device=input_ids.device), None, T
         cos, sin = self.rotary(positions, end)
@@ -228,10 +235,12 @@ class CogniMamba(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
+        if targets is not None and not return_logits:
+            return None, linear_cross_entropy(x.flatten(0, 1), self.output.weight, targets.reshape(-1))
         logits = self.output(x)  # (B, T, V)
         if targets is None:
             return logits
@@ -250,3 +259,71 @@ class CogniMamba(nn.Module):
         """Unique parameters (the tied head counts once)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_embeddings.weight.numel() if exclude_embeddings else n
+
+
+# --- the training loss ----------------------------------------------------------------------------
+
+LOSS_CHUNK_ELEMENTS = 2**25  # logits per chunk of the fused loss: 128 MiB in fp32
+
+
+def _chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None,
+                           grads: bool) -> tuple[torch.Tensor, ...]:
+    """Sum of the cross-entropy of (h @ weight.T) and, with `grads`, d(sum)/dh and d(sum)/dweight in fp32.
+
+    h: (N, dim), weight: (V, dim), targets: (N,). Logits exist one chunk of rows at a time, in fp32
+    (chunk None: all rows at once, with no loop over N, which a dynamic N could not trace).
+    """
+    loss = torch.zeros((), device=h.device, dtype=torch.float32)
+    grad_h = torch.empty(h.shape, device=h.device, dtype=torch.float32) if grads else None
+    grad_w = torch.zeros(weight.shape, device=h.device, dtype=torch.float32) if grads else None
+    for start in range(0, h.shape[0], chunk) if chunk is not None else [None]:
+        rows = slice(start, start + chunk) if chunk is not None else slice(None)
+        hc, tc = h[rows], targets[rows]  # (n, dim), (n,)
+        logits = (hc @ weight.t()).float()  # (n, V)
+        lse = torch.logsumexp(logits, dim=-1)  # (n,)
+        valid = tc != IGNORE_INDEX
+        safe = tc.clamp(min=0).unsqueeze(1)  # (n, 1): ignored rows point at class 0, then get weight 0
+        loss = loss + ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
+        if grads:
+            g = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place of the logits
+            g.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=g.dtype))  # minus the one-hot target
+            g = (g * valid.unsqueeze(1)).to(h.dtype)  # entries in [-1, 1]: safe in fp16 before scaling
+            grad_h[rows] = g @ weight
+            grad_w += (g.t() @ hc).float()
+    return loss, grad_h, grad_w
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of h @ weight.T whose forward also computes the gradients (in chunks), so
+    backward only scales them: nothing the size of the logits is kept for backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk, dtype):
+        total, grad_h, grad_w = _chunked_cross_entropy(h.to(dtype), weight.to(dtype), targets, chunk, grads=True)
+        count = (targets != IGNORE_INDEX).sum()
+        ctx.save_for_backward(grad_h / count, grad_w / count)
+        ctx.dtypes = (h.dtype, weight.dtype)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_out).to(ctx.dtypes[0]), (grad_w * grad_out).to(ctx.dtypes[1]), None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """F.cross_entropy(h @ weight.T, targets, ignore_index=-100) without materialising the (N, V) logits.
+
+    Matmuls run in autocast's dtype when autocast is on (as `nn.Linear` would), the softmax in fp32,
+    and the gradients come back in h's and weight's own dtypes. Eagerly the logits are made a chunk
+    of rows at a time; under torch.compile in one piece, so the graph does not depend on N (dynamic
+    sequence lengths) and the compiler plans the memory.
+    """
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+    chunk = None if torch.compiler.is_compiling() else max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    with torch.autocast(device, enabled=False):
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            return _LinearCrossEntropy.apply(h, weight, targets, chunk, dtype)
+        total, _, _ = _chunked_cross_entropy(h.to(dtype), weight.to(dtype), targets, chunk, grads=False)
+        return total / (targets != IGNORE_INDEX).sum()
