@@ -99,6 +99,8 @@ class DataConfig:
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PARALLELS = ("ddp", "fsdp")  # under torchrun: whole model per rank, or sharded with FSDP2
+OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the hidden matrices, AdamW for embeddings and norms
+SCHEDULES = ("cosine", "wsd")  # warmup + cosine, or warmup-stable-decay
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,9 +112,13 @@ class TrainConfig:
     epochs: int = 3
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
     max_minutes: float | None = None  # wall-clock budget for the run
+    optimizer: str = "adamw"
     lr: float = 3e-4
     min_lr: float = 3e-5
+    schedule: str = "cosine"
     warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps that decays from lr to min_lr
+    muon_momentum: float = 0.95
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -139,6 +145,12 @@ class TrainConfig:
         _require(self.lr > 0, f"train.lr must be positive, got {self.lr}.")
         _require(0 <= self.min_lr <= self.lr, f"train.min_lr must be in [0, train.lr], got {self.min_lr}.")
         _require(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {self.warmup_steps}.")
+        _require(self.optimizer in OPTIMIZERS,
+                 f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}.")
+        _require(self.schedule in SCHEDULES,
+                 f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
+        _require(0 < self.decay_fraction <= 1, f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}.")
+        _require(0 <= self.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}.")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}.")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1).")
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}.")
