@@ -1,1 +1,15 @@
-"""Inference: the continuous-batching engine, its KV cache, streaming text and precision."""
+"""Inference: the continuous-batching engine, its KV cache, streaming text and precision.
+
+    from cogni_mamba.inference import Engine, load_model_for_inference
+    model, tokenizer, config = load_model_for_inference("runs/demo/run", "cpu")
+    engine = Engine(model, max_batch=8, bos_id=tokenizer.bos_id)
+    request = engine.submit(prompt_ids, config.generation, stop_ids=tokenizer.chat_stop_ids)
+    for token in request: ...        # inline: iterating drives the engine; engine.start() runs it in a thread
+"""
+
+from .cache import SlotCache
+from .engine import Engine, EngineBusy, EngineStats, Request, greedy_settings
+from .text import TextStream, stream_text
+
+__all__ = ["Engine", "EngineBusy", "EngineStats", "Request", "SlotCache", "TextStream", "greedy_settings",
+           "stream_text"]

@@ -1,0 +1,473 @@
+"""The inference engine: continuous batching over a slot KV cache. Knows token ids only.
+
+Requests are submitted from any thread (`submit`) and come back as iterators of token ids. One
+scheduler iteration (`step`) does, in order:
+
+1. drop cancelled rows, freeing their slots;
+2. admit queued requests first come, first served, while slots are free (`max_batch` rows in all);
+3. prefill at most `prefill_chunk` prompt tokens of joining requests (a long prompt takes several
+   iterations, so the running rows keep getting tokens between its chunks);
+4. one batched forward pass of one token for every decoding row, then per-row sampling with that
+   request's own settings and generator; rows that finish leave at once.
+
+The cache rows stay compact: rows 0..d-1 decode, rows d..n-1 are prefilling, and a row that leaves
+is filled by moving the last one, so every forward pass runs on a contiguous range of rows. With
+`submit_samples(prompt, n)` the prompt is prefilled once and its cache row copied to n rows.
+
+Two ways to drive it, one code path: `start()` runs `step()` in one long-lived background thread
+(the server); without it, iterating a Request runs `step()` inline until that request has a token
+(the Chatbot, the CLI, evaluation).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from ..config import GenerationConfig
+from ..errors import CogniError
+from ..generate import fit_prompt, make_generator, process_logits
+from .cache import SlotCache
+
+DEFAULT_PREFILL_CHUNK = 256
+
+
+class EngineBusy(CogniError):
+    """The queue of requests waiting for a slot is full; retry in a moment."""
+
+
+class Request:
+    """One generation: iterate it for its new token ids (blocking). Stop ids are never yielded.
+
+    `finish_reason` is None while it runs, then "stop" (a stop id, or a stop string seen by the text
+    layer), "length" (max_new_tokens, or the context is full) or "cancelled".
+    """
+
+    def __init__(self, engine: Engine, prompt: list[int], settings: GenerationConfig, stop_ids: frozenset[int],
+                 generator: torch.Generator | None):
+        self._engine = engine
+        self.prompt = prompt
+        self.settings = settings
+        self.stop_ids = stop_ids
+        self.generator = generator
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0  # tokens handed to the reader
+        self.generated = 0  # tokens the engine has made (may run ahead of the reader)
+        self._ready: collections.deque[int] = collections.deque()
+        self._cancel: str | None = None
+        self._listener = None
+        self.error: BaseException | None = None  # why the engine failed it (finish_reason "error")
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def done(self) -> bool:
+        """True once no more tokens will come."""
+        return self.finish_reason is not None and not self._ready
+
+    def __iter__(self) -> Request:
+        return self
+
+    def __next__(self) -> int:
+        engine = self._engine
+        while True:
+            with engine._cond:
+                if self._ready:
+                    self.completion_tokens += 1
+                    return self._ready.popleft()
+                if self.error is not None:
+                    raise CogniError(f"Generation failed: {self.error}") from self.error
+                if self.finish_reason is not None:
+                    raise StopIteration
+                if engine.running:
+                    engine._cond.wait()
+                    continue
+            if not engine.step() and self.finish_reason is None:  # no background thread: this reader drives
+                raise RuntimeError("the engine has nothing to run but a request has not finished")
+
+    def take(self) -> tuple[list[int], bool]:
+        """Without blocking: the tokens made since the last call, and whether the request has ended."""
+        with self._engine._cond:
+            tokens = list(self._ready)
+            self._ready.clear()
+            self.completion_tokens += len(tokens)
+            return tokens, self.finish_reason is not None
+
+    def on_update(self, listener) -> None:
+        """Call `listener()` (from the engine's thread) whenever tokens arrive or the request ends."""
+        self._listener = listener
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop generating: no more tokens are handed out, and the slot is freed at the next step."""
+        self._engine._cancel(self, reason)
+
+    # --- called by the engine, with its lock held ---
+
+    def _emit(self, token: int) -> None:
+        self.generated += 1
+        self._ready.append(token)
+
+    def _finish(self, reason: str) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+    def _notify(self) -> None:
+        if self._listener is not None:
+            self._listener()
+
+
+@dataclasses.dataclass
+class _Group:
+    """Requests sharing one prompt: prefilled once into one row, then copied to one row per request."""
+
+    requests: list[Request]
+    prompt: list[int]
+    done: int = 0  # prompt tokens prefilled so far
+
+    @property
+    def live(self) -> list[Request]:
+        return [r for r in self.requests if r._cancel is None]
+
+
+@dataclasses.dataclass
+class _Row:
+    """What occupies one cache row: a prefilling group, or one decoding request with its next input token."""
+
+    group: _Group | None = None
+    request: Request | None = None
+    next_token: int = 0
+    seen: torch.Tensor | None = None  # (V,) bool: tokens in the context, for the repetition penalty
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """A snapshot of the engine's counters."""
+
+    active: int  # cache rows in use (decoding and prefilling)
+    queued: int  # requests waiting for a slot
+    max_batch: int
+    max_queue: int
+    generated_tokens: int
+    completed_requests: int
+    prefill_tokens: int  # prompt tokens run through the model (n samples of one prompt count once)
+    steps: int
+
+
+class Engine:
+    """Continuous batching for one model: `submit` requests from any thread, `step()` or `start()` to run them."""
+
+    def __init__(self, model, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 bos_id: int | None = None, max_len: int | None = None):
+        if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise CogniError(f"The engine needs max_batch >= 1, max_queue >= 0 and prefill_chunk >= 1; got "
+                             f"{max_batch}, {max_queue} and {prefill_chunk}.")
+        self.model = model.eval()
+        weight = model.tok_embeddings.weight
+        self.device = weight.device
+        self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
+        self.vocab_size = model.config.vocab_size
+        self.cache = SlotCache(model.config, max_batch, self.max_len, device=self.device, dtype=weight.dtype)
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.bos_id = bos_id
+        self._rows: list[_Row] = []
+        self._decoding = 0  # rows[:_decoding] decode, the rest are prefilling
+        self._reserved = 0  # slots promised to admitted groups' other samples
+        self._queue: collections.deque[_Group] = collections.deque()
+        self._cond = threading.Condition()  # guards the queue and every Request's state
+        self._step_lock = threading.Lock()  # one step at a time
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._generated = self._completed = self._prefilled = self._steps = 0
+
+    # --- submitting -------------------------------------------------------------------------------
+
+    def submit(self, prompt: Sequence[int], settings: GenerationConfig | None = None, *,
+               stop_ids: Iterable[int] = (), on_overflow: str = "warn") -> Request:
+        """Queue one generation; EngineBusy when the queue is full."""
+        return self.submit_samples(prompt, settings, 1, stop_ids=stop_ids, on_overflow=on_overflow)[0]
+
+    def submit_samples(self, prompt: Sequence[int], settings: GenerationConfig | None = None, n: int = 1, *,
+                       stop_ids: Iterable[int] = (), on_overflow: str = "warn") -> list[Request]:
+        """Queue n generations of one prompt, prefilled once; with a seed, sample i uses seed + i."""
+        settings = settings or GenerationConfig()
+        if not 1 <= n <= self.max_batch:
+            raise CogniError(f"Asked for {n} samples but the engine runs at most {self.max_batch} at once; "
+                             f"ask for 1 to {self.max_batch}.")
+        ids = fit_prompt(prompt, self.max_len, settings.max_new_tokens, bos_id=self.bos_id, on_overflow=on_overflow)
+        stops = frozenset(int(s) for s in stop_ids)
+        requests = [Request(self, ids, settings, stops, None if settings.seed is None
+                            else make_generator(settings.seed + i, self.device)) for i in range(n)]
+        with self._cond:
+            queued = sum(len(g.live) for g in self._queue)
+            free = self.max_batch - len(self._rows) - self._reserved
+            if queued + n - free > self.max_queue:
+                raise EngineBusy(f"The engine is busy: {len(self._rows)} generations are running and "
+                                 f"{queued} are queued (the limit); retry in a moment.")
+            self._queue.append(_Group(requests, ids))
+            self._cond.notify_all()
+        return requests
+
+    def _cancel(self, request: Request, reason: str) -> None:
+        with self._cond:
+            if request.finish_reason is not None and request._cancel is None:
+                return  # finished already
+            request._cancel = request._cancel or reason
+            request._ready.clear()
+            request._finish(reason)
+            self._cond.notify_all()
+        request._notify()
+        if not self.running and self._step_lock.acquire(blocking=False):  # inline mode: free the slot now
+            try:
+                self._drop_cancelled()
+            finally:
+                self._step_lock.release()
+
+    # --- running ----------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        """True while the background thread runs the steps."""
+        return self._thread is not None
+
+    def start(self) -> Engine:
+        """Run the scheduler in one long-lived background thread (idempotent)."""
+        with self._cond:
+            if self._thread is None:
+                self._stopping = False
+                threads = torch.get_num_threads()
+                self._thread = threading.Thread(target=self._loop, args=(threads,), name="cogni-engine", daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the background thread after its current step (requests still running stay as they are)."""
+        with self._cond:
+            thread, self._stopping = self._thread, True
+            self._cond.notify_all()
+        if thread is not None:
+            thread.join()
+        with self._cond:
+            self._thread = None
+            self._cond.notify_all()
+
+    def _loop(self, threads: int) -> None:
+        # The intra-op thread count is per thread in torch's OpenMP backend: match the starting thread's.
+        torch.set_num_threads(threads)
+        while True:
+            with self._cond:
+                while not self._stopping and not self._rows and not self._queue:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            with contextlib.suppress(Exception):  # handed to every request it touched; the engine goes on
+                self.step()
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            return EngineStats(active=len(self._rows), queued=sum(len(g.live) for g in self._queue),
+                               max_batch=self.max_batch, max_queue=self.max_queue, generated_tokens=self._generated,
+                               completed_requests=self._completed, prefill_tokens=self._prefilled, steps=self._steps)
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """One scheduler iteration; False when there was nothing to do."""
+        events: list[Request] = []
+        with self._step_lock:
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if not self._rows:
+                    return False
+                self._steps += 1
+                self._prefill(events)
+                self._decode(events)
+            except Exception as e:
+                events = self._fail_all(e)
+                raise
+            finally:
+                with self._cond:
+                    self._cond.notify_all()
+                for request in events:
+                    request._notify()
+        return True
+
+    def _fail_all(self, error: Exception) -> list[Request]:
+        """A step failed (e.g. out of memory): every running and queued request ends with the error."""
+        with self._cond:
+            requests = [r for row in self._rows for r in ([row.request] if row.request else row.group.requests)]
+            requests += [r for g in self._queue for r in g.requests]
+            for r in requests:
+                if r.finish_reason is None:
+                    r.error = error
+                    r._finish("error")
+            self._rows.clear()
+            self._queue.clear()
+            self._decoding = self._reserved = 0
+        return requests
+
+    # --- the scheduler's parts (the step lock is held) ---------------------------------------------
+
+    def _admit(self) -> None:
+        with self._cond:
+            while self._queue:
+                group = self._queue[0]
+                live = group.live
+                if not live:
+                    self._queue.popleft()
+                    continue
+                group.requests = live
+                if len(self._rows) + self._reserved + len(live) > self.max_batch:
+                    return
+                self._queue.popleft()
+                row = len(self._rows)
+                self.cache.reset(row)
+                self._rows.append(_Row(group=group))
+                self._reserved += len(live) - 1
+
+    def _prefill(self, events: list[Request]) -> None:
+        budget = self.prefill_chunk
+        while budget > 0 and self._decoding < len(self._rows):
+            i = self._decoding
+            group = self._rows[i].group
+            chunk = group.prompt[group.done: group.done + budget]
+            ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
+            logits = self.model(ids, cache=self.cache.view(i, i + 1), last_only=True)[0, -1]  # (V,)
+            group.done += len(chunk)
+            budget -= len(chunk)
+            self._prefilled += len(chunk)
+            if group.done < len(group.prompt):
+                return  # the budget is spent
+            self._start_decoding(i, group, logits, events)
+
+    def _start_decoding(self, i: int, group: _Group, logits: torch.Tensor, events: list[Request]) -> None:
+        """A prompt is in the cache: its row (and a copy per further sample) starts decoding."""
+        with self._cond:
+            live = group.live
+            self._reserved -= len(group.requests) - 1
+        if not live:
+            self._remove(i)
+            return
+        seen = None
+        if any(r.settings.repetition_penalty != 1.0 for r in live):
+            seen = torch.zeros(self.vocab_size, dtype=torch.bool, device=self.device)
+            seen[torch.tensor(group.prompt, device=self.device)] = True
+        self._rows[i] = _Row(request=live[0], seen=seen)
+        self._decoding += 1  # row i is the first prefilling row, so it joins the decoding block as is
+        rows = [i]
+        for request in live[1:]:
+            rows.append(self._add_decoding_copy(i, _Row(request=request, seen=None if seen is None else seen.clone())))
+        self._sample(rows, logits[None].expand(len(rows), -1), events)
+
+    def _add_decoding_copy(self, src: int, row: _Row) -> int:
+        """Append a decoding row holding a copy of row `src`'s cache; returns its index."""
+        d, n = self._decoding, len(self._rows)
+        if n > d:  # a prefilling row sits at d: move it to the end
+            self.cache.copy_row(d, n)
+            self._rows.append(self._rows[d])
+        else:
+            self._rows.append(row)
+        self.cache.copy_row(src, d)
+        self._rows[d] = row
+        self._decoding += 1
+        return d
+
+    def _decode(self, events: list[Request]) -> None:
+        d = self._decoding
+        if d == 0:
+            return
+        tokens = torch.tensor([row.next_token for row in self._rows[:d]], dtype=torch.long, device=self.device)
+        logits = self.model(tokens[:, None], cache=self.cache.view(0, d), last_only=True)[:, -1]  # (d, V)
+        self._sample(list(range(d)), logits, events)
+
+    def _sample(self, rows: list[int], logits: torch.Tensor, events: list[Request]) -> None:
+        """Next token of each row with its request's settings; hand them out; finished rows leave."""
+        chosen = [0] * len(rows)
+        by_settings: dict[tuple, list[int]] = {}
+        for j, i in enumerate(rows):
+            s = self._rows[i].request.settings
+            key = (s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty)
+            by_settings.setdefault(key, []).append(j)
+        for members in by_settings.values():
+            settings = self._rows[rows[members[0]]].request.settings
+            index = torch.tensor(members, device=logits.device)
+            seen = None
+            if settings.repetition_penalty != 1.0:
+                seen = torch.stack([self._rows[rows[j]].seen for j in members])
+            processed = process_logits(logits[index], settings, seen)  # (m, V)
+            if settings.temperature == 0:
+                picks = processed.argmax(dim=-1).tolist()
+            else:
+                probs = torch.softmax(processed, dim=-1)
+                picks = [int(torch.multinomial(probs[k], 1, generator=self._rows[rows[j]].request.generator))
+                         for k, j in enumerate(members)]
+            for k, j in enumerate(members):
+                chosen[j] = picks[k]
+        finished: list[int] = []
+        with self._cond:
+            for i, token in zip(rows, chosen, strict=True):
+                row = self._rows[i]
+                request = row.request
+                events.append(request)
+                if request._cancel is not None:
+                    self._completed += 1
+                    finished.append(i)
+                    continue
+                if token in request.stop_ids:
+                    request._finish("stop")
+                else:
+                    request._emit(token)
+                    self._generated += 1
+                    if request.generated >= request.settings.max_new_tokens or self.cache.lengths[i] >= self.max_len:
+                        request._finish("length")
+                if request.finish_reason is not None:
+                    self._completed += 1
+                    finished.append(i)
+                    continue
+                row.next_token = token
+                if row.seen is not None:
+                    row.seen[token] = True
+        for i in sorted(finished, reverse=True):
+            self._remove(i)
+
+    def _drop_cancelled(self) -> None:
+        with self._cond:
+            gone = [i for i, row in enumerate(self._rows)
+                    if (row.request is not None and row.request._cancel is not None)
+                    or (row.group is not None and not row.group.live)]
+            for i in gone:
+                group = self._rows[i].group
+                if group is not None:
+                    self._reserved -= len(group.requests) - 1
+                else:
+                    self._completed += 1
+        for i in sorted(gone, reverse=True):
+            self._remove(i)
+
+    def _remove(self, i: int) -> None:
+        """Free row i, keeping the rows compact (decoding first, then prefilling)."""
+        d, last = self._decoding, len(self._rows) - 1
+        if i < d:
+            self._move(d - 1, i)
+            if last >= d:
+                self._move(last, d - 1)
+            self._decoding -= 1
+        else:
+            self._move(last, i)
+        self._rows.pop()
+
+    def _move(self, src: int, dst: int) -> None:
+        if src != dst:
+            self.cache.copy_row(src, dst)
+            self._rows[dst] = self._rows[src]
+
+
+def greedy_settings(max_new_tokens: int) -> GenerationConfig:
+    """Argmax decoding with no filters (for evaluation and references)."""
+    return GenerationConfig(temperature=0.0, top_k=None, top_p=None, min_p=None, max_new_tokens=max_new_tokens)
