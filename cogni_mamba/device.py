@@ -39,10 +39,19 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def supports_bf16(device: torch.device) -> bool:
-    """Whether bf16 autocast is supported and worth using on this device."""
-    if device.type == "cuda":
+def cuda_has_native_bf16() -> bool:
+    """Whether this GPU computes bf16 natively (Ampere and newer); torch also reports emulated bf16 as
+    "supported", which runs far slower than fp16 on older GPUs."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch without the argument counted only native support
         return torch.cuda.is_bf16_supported()
+
+
+def supports_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast is supported natively, so worth using, on this device."""
+    if device.type == "cuda":
+        return cuda_has_native_bf16()
     if device.type == "cpu":
         return cpu_has_native_bf16()
     return device.type == "mps"
@@ -52,19 +61,28 @@ def supports_fp16(device: torch.device) -> bool:
     return device.type in ("cuda", "mps")
 
 
-def attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """The fastest SDPA kernel that accepts causal attention of this shape on this device."""
+def attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int, n_heads: int = 2,
+                      n_kv_heads: int | None = None) -> str:
+    """The fastest SDPA kernel that accepts the model's causal attention on this device.
+
+    The probe has the model's query and key/value head counts and passes `enable_gqa` as the model
+    does: not every fused kernel takes grouped-query attention, so a probe with equal head counts
+    can name a kernel the model never gets.
+    """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q = torch.randn(1, 2, 16, head_dim, device=device, dtype=dtype)
+    n_kv_heads = n_kv_heads or n_heads
+    q = torch.randn(1, n_heads, 16, head_dim, device=device, dtype=dtype)
+    kv = torch.randn(1, n_kv_heads, 16, head_dim, device=device, dtype=dtype)
     for backend, label in ((SDPBackend.FLASH_ATTENTION, "flash"),
                            (SDPBackend.EFFICIENT_ATTENTION, "memory-efficient"),
                            (SDPBackend.CUDNN_ATTENTION, "cudnn"),
                            (SDPBackend.MATH, "math (unfused)")):
         try:
             with sdpa_kernel(backend):
-                F.scaled_dot_product_attention(q, q, q, is_causal=True)
+                F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=n_kv_heads != n_heads)
             return label
         except RuntimeError:
             continue
     return "none"
+

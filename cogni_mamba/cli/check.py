@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     bf16, fp16 = supports_bf16(device), supports_fp16(device)
     print(f"bf16 autocast: {'yes' if bf16 else 'no'}; fp16 autocast: {'yes' if fp16 else 'no'}")
     dtype = torch.bfloat16 if bf16 else torch.float32
-    print(f"attention kernel ({str(dtype).replace('torch.', '')}): {attention_backend(device, dtype, m.head_dim)}")
+    kernel = attention_backend(device, dtype, m.head_dim, m.n_heads, m.n_kv_heads)
+    print(f"attention kernel ({str(dtype).replace('torch.', '')}, {m.n_heads}/{m.n_kv_heads} heads): {kernel}")
 
     torch.manual_seed(0)
     try:

@@ -6,7 +6,8 @@ position t is ids[t + 1] when that token is an assistant token, else -100 (ignor
 model learns to write replies, never to predict the user.
 
 Batches pad each row on the right to the longest row of the batch (pad id in the input, -100 in the
-labels). The model is causal, so padding after a conversation cannot change what the conversation's own
+labels), rounded up to a multiple of `PAD_MULTIPLE` tokens within the context: a few widths instead
+of one per batch, and sizes the GPU's matmul tiles like; a compiled model marks the length dynamic. The model is causal, so padding after a conversation cannot change what the conversation's own
 positions compute, and each conversation starts fresh (no packing across conversations: a reply
 must not attend to an unrelated chat). The loss of a batch is the mean over its assistant tokens.
 
@@ -28,6 +29,7 @@ from ..errors import CogniError
 from ..model import IGNORE_INDEX
 
 Example = tuple[list[int], list[int]]  # (input ids, labels), same length
+PAD_MULTIPLE = 64
 
 
 @dataclass
@@ -110,9 +112,17 @@ def add_system_prompt(conversations: Sequence[list[dict]], text: str, seed: int,
     return out
 
 
-def collate(examples: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad examples to the longest one: (x, y) int64 tensors of shape (B, T)."""
-    width = max(len(x) for x, _ in examples)
+def padded_width(longest: int, multiple: int = 1, max_len: int | None = None) -> int:
+    """`longest` rounded up to a multiple of `multiple`, but never past `max_len` (nor below `longest`)."""
+    width = -(-longest // multiple) * multiple
+    return max(longest, min(width, max_len)) if max_len is not None else width
+
+
+def collate(examples: Sequence[Example], pad_id: int, *, multiple: int = 1,
+            max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad examples to the longest one, rounded up to `multiple` (at most `max_len`): (x, y)
+    int64 tensors of shape (B, T)."""
+    width = padded_width(max(len(x) for x, _ in examples), multiple, max_len)
     x = torch.full((len(examples), width), pad_id, dtype=torch.long)
     y = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
     for row, (ids, labels) in enumerate(examples):
@@ -148,15 +158,20 @@ class ChatBatches:
     Epoch e visits the examples in a permutation seeded by (seed, e); batch k of rank r takes the
     positions [(k * world_size + r) * B, ... + B) of it, wrapping around to the permutation's start to
     fill the last batch, so every batch has B rows and ranks never share a row within a batch step.
+    Widths are padded up to `pad_multiple` (at most `max_len`); `variable_length` tells the trainer
+    that batches differ in length (so a compiled model marks that dimension dynamic).
     """
 
+    variable_length = True
+
     def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int, *, seed: int = 1337,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, pad_multiple: int = 1, max_len: int | None = None):
         if not examples:
             raise CogniError("There are no training conversations left after the validation split; add data.")
         self.examples = list(examples)
         self.batch_size = batch_size
         self.pad_id = pad_id
+        self.pad_multiple, self.max_len = pad_multiple, max_len
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -184,7 +199,7 @@ class ChatBatches:
         self.batch += 1
         if self.batch == self.batches_per_epoch:
             self.epoch, self.batch, self._order = self.epoch + 1, 0, None
-        return collate(rows, self.pad_id)
+        return collate(rows, self.pad_id, multiple=self.pad_multiple, max_len=self.max_len)
 
     def state_dict(self) -> dict[str, int]:
         """Where the next batch starts (plain ints)."""

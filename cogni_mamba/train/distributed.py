@@ -44,14 +44,23 @@ class DistInfo:
 
 
 def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.device:
-    """`requested` if given, else this rank's CUDA device when there is one, else the CPU."""
+    """`requested` if given, else this rank's CUDA device when there is one, else the CPU.
+
+    A plain "cuda" (given or chosen) means this rank's GPU, cuda:LOCAL_RANK (modulo the GPUs
+    present), so under torchrun each rank gets its own and DDP gets a device index.
+    """
     if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
+        try:
+            device = torch.device(requested)
+        except RuntimeError:
+            raise CogniError(f"Unknown device {requested!r}; use cpu, cuda, cuda:N or mps.") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise CogniError(f"Device {requested!r} was requested but CUDA is not available; use --device cpu.")
-        return torch.device(requested)
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+        if device.type != "cuda" or device.index is not None:
+            return device
+    elif not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
 def init_distributed(device: torch.device) -> DistInfo:
@@ -77,13 +86,23 @@ def current() -> DistInfo:
 
 
 def wrap_ddp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
-    """DDP around the model when there are several processes (the model itself otherwise)."""
-    if not info.enabled:
+    """DDP around the model when there is a process group (the model itself otherwise).
+
+    Like `shard_fsdp` it also wraps over a process group of one (a single-GPU check of this path).
+    The only buffers are the rotary tables, computed identically on every rank, so they are not
+    re-broadcast from rank 0 before every forward (`broadcast_buffers=False`).
+    """
+    if not info.enabled and not dist.is_initialized():
         return model
+    import inspect
+
     from torch.nn.parallel import DistributedDataParallel
 
-    ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else None
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters  # torch >= 2.12
+    no_sync = {"forward_sync_buffers": False} if newer else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=ids, **no_sync)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -93,23 +112,33 @@ def is_sharded(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard_fsdp(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
+def shard_fsdp(model: nn.Module, info: DistInfo, device: torch.device, *, precision: str = "fp32",
+               compile: bool = False) -> nn.Module:
     """Shard `model` in place with FSDP2: each block of `model.layers` is its own unit, the rest the root's.
 
     A unit's full weights exist only while it runs (all-gathered, then freed), so peak memory is the
     shards plus about one block. The model may still be on the CPU: `fully_shard` moves each shard to
     the mesh's device, so the whole model never has to fit one GPU. It also shards over a process group
     of one (a single-GPU check of this path); without any process group it leaves the model alone.
+
+    With `precision="bf16"` the weights are all-gathered and computed with in bf16 (half the traffic
+    of fp32) while gradients are reduced and the optimizer steps in fp32. With `compile`, each block is
+    compiled in place (`Module.compile`: parameter names unchanged) before it is sharded, so the
+    compiled graphs end at the units' boundaries, where FSDP's all-gathers and frees run.
     """
     if not info.enabled and not dist.is_initialized():
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh(device.type, (info.world_size,))
+    mesh = init_device_mesh(device.type, (dist.get_world_size() if dist.is_initialized() else info.world_size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16" \
+        else MixedPrecisionPolicy()
     for block in getattr(model, "layers", []):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        if compile:
+            block.compile()
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 

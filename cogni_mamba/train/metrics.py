@@ -10,37 +10,45 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
-
-# Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) of GPUs we can name from their device string.
+# Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's datasheets, by the part's name.
+# The first key found in the device name wins, so the specific variants come before the family.
 PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
+    "GH200": 989e12,
+    "H200 NVL": 835e12,
+    "H200": 989e12,  # SXM
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,  # SXM ("H100 80GB HBM3"); PCIe and NVL parts are told apart below when unnamed
     "A100": 312e12,
     "L40S": 362e12,
     "A10G": 125e12,
     "RTX 4090": 165e12,
     "RTX 3090": 71e12,
 }
+H100_PCIE_SMS = 114  # the PCIe part has 114 SMs; SXM and NVL have 132
+H100_NVL_MIN_BYTES = 90 * 1024**3  # NVL: 94 GB; SXM and PCIe: 80 GB
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, n_params: int) -> float:
-    """Training FLOPs per token: 6 per parameter (forward + backward) plus attention's 12 * L * T * dim.
-
-    The tied embedding counts once; its lookup is free but the same matrix is the LM head's matmul.
-    """
-    return 6.0 * n_params + 12.0 * cfg.n_layers * seq_len * cfg.dim
+def peak_flops_for(name: str, total_memory: int = 0, sm_count: int = 0) -> float | None:
+    """Dense bf16 peak of the GPU called `name`; an "H100" without its variant in the name is the
+    PCIe part when it has 114 SMs, the NVL part when it has over 90 GiB, else the SXM part."""
+    if "H100" in name and not any(k in name for k in ("PCIe", "NVL", "GH200")):
+        if sm_count == H100_PCIE_SMS:
+            return PEAK_FLOPS["H100 PCIe"]
+        if total_memory > H100_NVL_MIN_BYTES:
+            return PEAK_FLOPS["H100 NVL"]
+    for key, peak in PEAK_FLOPS.items():
+        if key in name:
+            return peak
+    return None
 
 
 def device_peak_flops(device: torch.device) -> float | None:
     """The GPU's dense bf16 peak when we know its name; None on the CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_FLOPS.items():
-        if key in name:
-            return peak
-    return None
+    props = torch.cuda.get_device_properties(device)
+    return peak_flops_for(props.name, props.total_memory, props.multi_processor_count)
 
 
 class MetricsLog:

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..config import Config, TrainConfig
 from ..errors import CogniError
+from ..stats import flops_per_token
 from . import checkpoint as ckpt
 from .distributed import (
     DistInfo,
@@ -41,9 +42,9 @@ from .distributed import (
     shard_fsdp,
     wrap_ddp,
 )
-from .metrics import MetricsLog, device_peak_flops, flops_per_token, plot_losses
+from .metrics import MetricsLog, device_peak_flops, plot_losses
 from .optim import build_optimizer, lr_at, set_lr
-from .precision import autocast, make_scaler, resolve_precision
+from .precision import autocast, configure_matmul, load_scaler_state, make_scaler, resolve_precision
 from .state import plain, rng_state, set_rng_state
 
 MAX_ROLLBACKS = 2
@@ -111,6 +112,12 @@ def plan_steps(cfg: TrainConfig, batches: Any) -> tuple[int, int | None]:
     return cfg.epochs * steps_per_epoch, steps_per_epoch
 
 
+def eager() -> contextlib.AbstractContextManager:
+    """Within it, torch.compile'd code runs eagerly (no compilation); torch < 2.6 lacks the switch."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
 def fit_to_budget(step: int, steps_taken: int, elapsed_s: float, budget_s: float, planned: int) -> int:
     """The step count that ends within the time budget at the pace so far, never more than planned.
 
@@ -138,12 +145,19 @@ class Trainer:
         if self.fsdp and self.precision == "fp16":
             raise CogniError("train.parallel=fsdp does not support fp16 (its loss scaler is per rank); "
                              "use --precision bf16 or fp32.")
-        # fully_shard moves each shard to the device itself, so the whole model never has to fit there.
-        self.raw_model = shard_fsdp(model, self.dist, self.device) if self.fsdp else model.to(self.device)
-        self.model = torch.compile(self.raw_model) if cfg.compile else self.raw_model
-        self.eval_model = self.model
-        if not self.fsdp:
-            self.model = wrap_ddp(self.model, self.dist, self.device)
+        configure_matmul(self.precision, self.device)
+        if self.fsdp:
+            # fully_shard moves each shard to the device itself, so the whole model never has to fit there;
+            # with compile, each block is compiled before it is sharded (FSDP2's recommended order).
+            self.raw_model = shard_fsdp(model, self.dist, self.device, precision=self.precision, compile=cfg.compile)
+            self.model = self.raw_model
+        else:
+            self.raw_model = model.to(self.device)
+            # compile wraps DDP (not the other way round), so the graph splits at DDP's gradient buckets
+            ddp = wrap_ddp(self.raw_model, self.dist, self.device)
+            self.model = torch.compile(ddp) if cfg.compile else ddp
+        # Batches of varying length (chat fine-tuning): one graph with a dynamic sequence dimension.
+        self.dynamic_length = cfg.compile and bool(getattr(train_batches, "variable_length", False))
         self.optimizer = build_optimizer(self.raw_model, cfg, self.device.type)
         self.scaler = make_scaler(self.precision, self.device)
         self.train_batches = train_batches
@@ -207,10 +221,13 @@ class Trainer:
         for i, (x, y) in enumerate(micro_batches):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             self._micro_shape = tuple(x.shape)  # (B, T): named by the out-of-memory advice
+            if self.dynamic_length:
+                torch._dynamo.mark_dynamic(x, 1)
+                torch._dynamo.mark_dynamic(y, 1)
             sync = i == n - 1 or not self.dist.enabled
             with grad_sync(self.raw_model if self.fsdp else self.model, sync):
                 with autocast(self.precision, self.device):
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(x, y, return_logits=False)  # the loss alone: no (B, T, V) logits kept
                 self.scaler.scale(loss / n).backward()
             total += loss.detach().float()
         return total / n
@@ -247,9 +264,17 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean loss over the fixed validation batches (split across ranks), or None without any."""
+        """Mean loss over the fixed validation batches (split across ranks), or None without any.
+
+        It runs the uncompiled model (eager, also for compiled blocks): a compiled model in eval mode
+        and without gradients would be compiled once more, inside the run's time.
+        """
         if not self.val_batches:
             return None
+        with eager():
+            return self._evaluate()
+
+    def _evaluate(self) -> float:
         self.raw_model.eval()
         total = torch.zeros(2, device=self.device)  # (sum of batch losses, number of batches)
         mine = self.val_batches[self.dist.rank::self.dist.world_size]
@@ -259,7 +284,7 @@ class Trainer:
         for i in range(rounds):
             x, y = mine[i] if i < len(mine) else self.val_batches[0]
             with autocast(self.precision, self.device):
-                _, loss = self.eval_model(x.to(self.device), y.to(self.device))
+                _, loss = self.raw_model(x.to(self.device), y.to(self.device), return_logits=False)
             weight = torch.tensor(float(i < len(mine)), device=self.device)
             total += torch.stack([loss.float(), torch.ones((), device=self.device)]) * weight
         if self.fsdp:  # without a backward the root keeps its gathered weights; the optimizer holds the shards
@@ -309,7 +334,8 @@ class Trainer:
             load_full_optimizer_state(self.raw_model, self.optimizer, state["optimizer"])
         else:
             self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
+        if not load_scaler_state(self.scaler, state["scaler"]) and self.scaler.is_enabled():
+            self.log(f"note: {where.name} has no fp16 loss scale (a bf16 or fp32 run); starting from a fresh one")
         for key in ("step", "tokens_seen", "best_val_loss", "lr_scale", "bad_steps", "rollbacks"):
             setattr(self, key, state[key])
         ranks = state["ranks"]
@@ -382,7 +408,7 @@ class Trainer:
                "tokens_per_s": round(tok_s, 1), "tokens_seen": self.tokens_seen}
         if self.peak_flops:
             seq_len = out.tokens // max(1, self.cfg.grad_accum * self.cfg.batch_size * self.dist.world_size)
-            flops = flops_per_token(self.raw_model.config, seq_len, self.raw_model.num_parameters())
+            flops = flops_per_token(self.raw_model.config, seq_len)[1]
             rec["mfu"] = round(flops * tok_s / (self.peak_flops * self.dist.world_size), 4)
         self.metrics.write(rec)
         if bar is not None:
