@@ -1,4 +1,4 @@
-"""The Chatbot: conversation history -> chat template -> generate -> a stream of text pieces.
+"""The Chatbot: conversation history -> chat template -> the inference engine -> a stream of text pieces.
 
 Shared by the CLI chat, the server and the demo. It never prints and never reads input: callers
 show what `reply()` yields. The history keeps every turn (for saving); only the rendering sent to
@@ -8,13 +8,14 @@ always fit with room left for the answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from .config import GenerationConfig
 from .errors import CogniError
-from .generate import StopStrings, generate, settings_with
+from .generate import settings_with
+from .inference import Engine, stream_text
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -45,21 +46,24 @@ class Chatbot:
     """A conversation with a model: `reply(message)` streams the answer, `chat(message)` returns it whole."""
 
     def __init__(self, model, tokenizer, generation: GenerationConfig | None = None, *,
-                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT):
+                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, engine: Engine | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.settings = generation or GenerationConfig()
         self.system_prompt = system_prompt
         self.turns: list[Message] = []
-        self.finish_reason: str | None = None  # "stop" or "length" once a reply has ended
+        self.finish_reason: str | None = None  # "stop", "length" or "cancelled" once a reply has ended
         self.stop_ids = frozenset(tokenizer.chat_stop_ids)
+        # One conversation needs one cache row; the engine runs inline as the reply is read.
+        self.engine = engine or Engine(model, max_batch=1, bos_id=tokenizer.bos_id)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> Chatbot:
-        """A Chatbot for a checkpoint (or run) directory, with its saved generation settings."""
-        from .checkpoint import load_checkpoint_full
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", *, dtype: str = "auto", **kwargs) -> Chatbot:
+        """A Chatbot for a checkpoint (or run) directory, with its saved generation settings (dtype: see
+        `load_model_for_inference`)."""
+        from .inference import load_model_for_inference
 
-        model, tokenizer, config = load_checkpoint_full(path, device)
+        model, tokenizer, config = load_model_for_inference(path, device, dtype)
         if tokenizer is None:
             raise CogniError(f"Checkpoint {path} has no tokenizer/ folder, so its ids cannot be turned into text; "
                              "use a checkpoint saved by `cogni-mamba train`.")
@@ -96,19 +100,11 @@ class Chatbot:
         cfg = settings_with(self.settings, **settings)
         ids = self.prompt_ids([*self.turns, {"role": "user", "content": message}], cfg.max_new_tokens)
         self.turns.append({"role": "user", "content": message})
-        return self._stream(ids, cfg, stop, record=True)
+        return self._stream(ids, cfg, stop)
 
     def chat(self, message: str, **settings: Any) -> str:
         """The whole answer to a message (the history grows as with `reply`)."""
         return "".join(self.reply(message, **settings))
-
-    def stream(self, messages: Sequence[Mapping[str, str]], *, stop: Iterable[str] = (),
-               **settings: Any) -> Iterator[str]:
-        """Answer a conversation given whole (e.g. by an HTTP request), leaving this bot's history alone."""
-        cfg = settings_with(self.settings, **settings)
-        system = [dict(m) for m in messages if m["role"] == "system"]
-        turns = [dict(m) for m in messages if m["role"] != "system"]
-        return self._stream(self.prompt_ids(turns, cfg.max_new_tokens, system=system), cfg, stop, record=False)
 
     def prompt_ids(self, turns: Sequence[Message], max_new_tokens: int, *,
                    system: Sequence[Message] | None = None) -> list[int]:
@@ -130,29 +126,15 @@ class Chatbot:
         ids, _ = self.tokenizer.render_chat(messages, add_generation_prompt=True)
         return list(ids)
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special=True)
-
-    def _stream(self, ids: list[int], cfg: GenerationConfig, stop: Iterable[str], *, record: bool) -> Iterator[str]:
-        tokens = generate(self.model, ids, cfg, stop_ids=self.stop_ids, bos_id=self.tokenizer.bos_id,
-                          pad_id=self.tokenizer.pad_id)
-        text = StopStrings(self._decode, list(stop))
+    def _stream(self, ids: list[int], cfg: GenerationConfig, stop: Iterable[str]) -> Iterator[str]:
+        request = self.engine.submit(ids, cfg, stop_ids=self.stop_ids)
         pieces: list[str] = []
         self.finish_reason = None
         try:
-            for token in tokens:
-                piece = text.put(token)
-                if piece:
-                    pieces.append(piece)
-                    yield piece
-                if text.stopped:
-                    break
-            tail = text.flush()
-            if tail:
-                pieces.append(tail)
-                yield tail
+            for piece in stream_text(request, self.tokenizer.stream_decoder(skip_special=True), list(stop)):
+                pieces.append(piece)
+                yield piece
         finally:
-            tokens.close()
-            self.finish_reason = "stop" if text.stopped else tokens.finish_reason
-            if record:
-                self.turns.append({"role": "assistant", "content": "".join(pieces)})
+            request.cancel()  # closed early: free the slot (a no-op once the reply has ended)
+            self.finish_reason = request.finish_reason
+            self.turns.append({"role": "assistant", "content": "".join(pieces)})

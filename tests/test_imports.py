@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-INFERENCE_MODULES = ["cogni_mamba", "cogni_mamba.checkpoint", "cogni_mamba.chat", "cogni_mamba.serve",
+INFERENCE_MODULES = ["cogni_mamba", "cogni_mamba.checkpoint", "cogni_mamba.inference", "cogni_mamba.chat", "cogni_mamba.serve",
                      "cogni_mamba.export", "cogni_mamba.cli.generate", "cogni_mamba.cli.chat"]
 
 

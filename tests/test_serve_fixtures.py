@@ -106,7 +106,7 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = (log_dir or checkpoint.resolve().parent) / f"serve-{self.port}.log"
         cmd = [sys.executable, "-m", "cogni_mamba", "serve", "--checkpoint", str(checkpoint),
-               "--port", str(self.port), "--device", device, *extra]
+               "--port", str(self.port), "--device", device, "--dtype", "fp32", *extra]
         if threads is not None:  # one thread suits the tiny test model and a CPU shared with the test process
             cmd += ["--threads", str(threads)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -1,9 +1,8 @@
-"""Server operations: the admission gate's FIFO order (unit), the API key, the full-queue 429 and a
-graceful SIGTERM, each against a live `cogni-mamba serve` subprocess on 127.0.0.1."""
+"""Server operations: the API key, the full-queue 429 and a graceful SIGTERM, each against a live
+`cogni-mamba serve` subprocess on 127.0.0.1 (the engine's FIFO admission is tested in test_engine.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import threading
@@ -26,47 +25,9 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keyed(tiny):
-    """A server that wants an API key and runs one generation at a time with one waiting."""
+    """A server that wants an API key and batches one generation at a time with one waiting."""
     with live_server(tiny.path, "--api-key", KEY, "--max-concurrency", "1", "--queue-size", "1") as s:
         yield s
-
-
-# --- the gate, in process -------------------------------------------------------------------------
-
-def test_gate_admits_in_arrival_order_and_refuses_beyond_the_queue():
-    from cogni_mamba.serve.gate import Gate, ServerBusy
-
-    async def scenario() -> tuple[list[int], bool, int]:
-        gate = Gate(max_running=2, max_waiting=3)
-        admitted: list[int] = []
-        release_one = asyncio.Queue()
-
-        async def request(i: int) -> None:
-            async with gate.slot():
-                admitted.append(i)
-                await release_one.get()
-
-        tasks = []
-        for i in range(5):  # 2 run, 3 wait
-            tasks.append(asyncio.create_task(request(i)))
-            await asyncio.sleep(0)  # let it reach the gate before the next one arrives
-        await asyncio.sleep(0)
-        refused = False
-        try:
-            await gate.acquire()
-        except ServerBusy:
-            refused = True
-        tasks[3].cancel()  # a waiter that leaves (its client disconnected) is skipped
-        for _ in range(4):
-            release_one.put_nowait(None)
-            await asyncio.sleep(0.01)
-        await asyncio.gather(*tasks, return_exceptions=True)
-        return admitted, refused, gate.running + gate.waiting
-
-    admitted, refused, left = asyncio.run(scenario())
-    assert admitted == [0, 1, 2, 4]  # first come, first served; 3 left the line
-    assert refused
-    assert left == 0
 
 
 # --- API key --------------------------------------------------------------------------------------
@@ -185,7 +146,8 @@ def test_a_stop_token_ends_the_reply_with_finish_reason_stop(tiny):
     import torch
 
     from cogni_mamba.config import GenerationConfig
-    from cogni_mamba.serve import Engine, Job
+    from cogni_mamba.inference import stream_text
+    from cogni_mamba.serve import Service
     from cogni_mamba.tokenizer import SimpleTokenizer
     from tests.test_serve_fixtures import chat_ids
 
@@ -204,16 +166,16 @@ def test_a_stop_token_ends_the_reply_with_finish_reason_stop(tiny):
     assert new[-1] in stops and len(new) > 3, "precondition: a stop token after a few bytes, within 300 steps"
     reply = new[:-1]
 
-    engine = Engine(model, tok, GenerationConfig(temperature=0, top_k=None, top_p=None))
-    job = Job(prompt=engine.chat_prompt(HELLO), settings=engine.settings(300, {}), stop_ids=engine.chat_stop_ids(),
-              stop_strings=[])
-    assert job.prompt == prompt
-    text = "".join(engine.run(job))
+    service = Service(model, tok, GenerationConfig(temperature=0, top_k=None, top_p=None))
+    prompt_ids = service.chat_prompt(HELLO)
+    assert prompt_ids == prompt
+    request = service.submit(prompt_ids, service.settings(300, {}), service.chat_stop_ids())
+    text = "".join(stream_text(request, service.decoder()))
     assert text == bytes(reply).decode("utf-8", errors="replace")
-    assert job.finish_reason == "stop" and job.completion_tokens == len(reply)
+    assert request.finish_reason == "stop" and request.completion_tokens == len(reply)
 
 
-def test_cpu_default_runs_one_generation_at_a_time(tiny):
-    # On a CPU one generation already keeps every core busy, so the default queues the rest.
+def test_cpu_default_batches_eight_generations(tiny):
+    # Continuous batching: a decode step for 8 rows costs little more than for one on a CPU.
     with live_server(tiny.path) as s:  # LiveServer passes --device cpu
-        assert s.health()["max_concurrency"] == 1
+        assert s.health()["max_batch"] == 8

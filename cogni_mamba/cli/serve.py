@@ -22,16 +22,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=os.environ.get("COGNI_MAMBA_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $COGNI_MAMBA_API_KEY, else none)")
-    p.add_argument("--max-concurrency", type=int, default=None, metavar="N",
-                   help="generations running at once (default: 1 on a CPU, 4 on a GPU); more wait in a "
-                        "first-come queue. On a CPU one generation already uses every core: on 2 cores, 8 "
-                        "clients got about 410-470 tokens/s in all with 1 or 2 at once, 220-265 with 8")
+    p.add_argument("--max-batch", "--max-concurrency", dest="max_batch", type=int, default=None, metavar="N",
+                   help="generations that share each model step (continuous batching; default 8 on a CPU, 32 on a "
+                        "GPU); more wait in a first-come queue")
     p.add_argument("--queue-size", type=int, default=32, metavar="N",
                    help="requests allowed to wait for a slot (default 32); beyond it the server answers 429")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="weights' dtype (default auto: bf16 on CPUs and GPUs that compute it natively, else fp32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads torch uses per operation (default: torch's choice); on a CPU with several "
-                        "concurrent generations, cores / max-concurrency avoids oversubscription")
+                   help="CPU threads torch uses per operation (default: torch's choice)")
     p.add_argument("--model-name", default=None, help="the model id /v1/models reports (default: from the path)")
     p.add_argument("--shutdown-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, how long in-flight requests may take to finish (default 120)")
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..serve import Engine, create_app
+        from ..serve import Service, create_app
     except ImportError as e:
         raise CogniError(f"Serving needs FastAPI and uvicorn ({e.name} is missing); "
                          "install them with: pip install 'cogni-mamba[serve]'.") from None
@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise CogniError(f"--port must be between 0 and 65535, got {args.port}.")
-    if (args.max_concurrency is not None and args.max_concurrency < 1) or args.queue_size < 0:
-        raise CogniError("--max-concurrency must be at least 1 and --queue-size at least 0.")
+    if (args.max_batch is not None and args.max_batch < 1) or args.queue_size < 0:
+        raise CogniError("--max-batch must be at least 1 and --queue-size at least 0.")
     if args.threads is not None:
         if args.threads < 1:
             raise CogniError(f"--threads must be at least 1, got {args.threads}.")
@@ -62,12 +62,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach this port can use "
               "the model.", file=sys.stderr)
     device = resolve_device(args.device)
-    engine = Engine.from_checkpoint(args.checkpoint, device, name=args.model_name)
-    concurrency = args.max_concurrency or (1 if device.type == "cpu" else 4)
-    app = create_app(engine, args.api_key, max_concurrency=concurrency, queue_size=args.queue_size)
+    max_batch = args.max_batch or (8 if device.type == "cpu" else 32)
+    service = Service.from_checkpoint(args.checkpoint, device, name=args.model_name, dtype=args.dtype,
+                                      max_batch=max_batch, queue_size=args.queue_size)
+    app = create_app(service, args.api_key)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"serving {engine.name} (context {engine.max_seq_len} tokens) at http://{shown}:{args.port}/ "
-          f"- chat page at /, API at /v1", file=sys.stderr, flush=True)
+    dtype = str(service.model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    print(f"serving {service.name} (context {service.max_seq_len} tokens, {dtype}, batch up to {max_batch}) at "
+          f"http://{shown}:{args.port}/ - chat page at /, API at /v1", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout)
     uvicorn.Server(config).run()

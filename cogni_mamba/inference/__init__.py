@@ -9,7 +9,8 @@
 
 from .cache import SlotCache
 from .engine import Engine, EngineBusy, EngineStats, Request, greedy_settings
+from .loading import DTYPE_CHOICES, load_model_for_inference
 from .text import TextStream, stream_text
 
-__all__ = ["Engine", "EngineBusy", "EngineStats", "Request", "SlotCache", "TextStream", "greedy_settings",
-           "stream_text"]
+__all__ = ["DTYPE_CHOICES", "Engine", "EngineBusy", "EngineStats", "Request", "SlotCache", "TextStream",
+           "greedy_settings", "load_model_for_inference", "stream_text"]

@@ -1,23 +1,23 @@
 """The FastAPI app: OpenAI's chat and text completion endpoints, /health, /v1/models and the web chat page.
 
-A request is validated (-> 400 with an OpenAI-style error body), admitted by a fair gate (at most
-`max_concurrency` generations run at once, `queue_size` wait in line, more -> 429), then generated on a
-worker thread (torch releases the GIL, so threads run in parallel) that hands text pieces to the event
-loop. A streamed reply is sent as server-sent events in OpenAI's chunk format, ending `data: [DONE]`.
-When the client goes away its generation is cancelled before the next token.
+A request is validated (-> 400 with an OpenAI-style error body), then submitted to the service's
+continuous-batching engine: up to `max_batch` generations share each model step on one background
+thread, `queue_size` more wait first come, first served, and beyond that the answer is 429. The engine
+hands token ids to the event loop, where they become text (stop strings held back). A streamed reply
+is sent as server-sent events in OpenAI's chunk format, ending `data: [DONE]`. When the client goes
+away its generation is cancelled and its slot freed at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,40 +27,56 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import inference
+from ..config import GenerationConfig
 from ..errors import CogniError
-from .engine import Engine, Job
+from ..inference import EngineBusy, TextStream
 from .formats import ChatFormat, TextFormat, usage
-from .gate import Gate, ServerBusy
 from .schemas import ApiError, ChatRequest, CompletionRequest, SamplingRequest, parse, validation_error
+from .service import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_SIZE, Service
 
 log = logging.getLogger("cogni_mamba.serve")
 
-DEFAULT_MAX_CONCURRENCY = 4
-DEFAULT_QUEUE_SIZE = 32
-_DONE = object()
 
+@dataclasses.dataclass
+class Job:
+    """One request's generation: its inputs, the engine request once submitted, and what it reports."""
 
-@dataclass
-class _Failure:
-    error: BaseException
+    prompt: list[int]
+    settings: GenerationConfig
+    stop_ids: tuple[int, ...]
+    stop_strings: list[str]
+    request: inference.Request | None = None
+    completion_tokens: int = 0  # tokens that went into the reply (up to a stop string)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def finish_reason(self) -> str | None:
+        return None if self.request is None else self.request.finish_reason
+
+    def cancel(self) -> None:
+        if self.request is not None:
+            self.request.cancel()
 
 
 class ServerState:
-    """What the endpoints share: the engine, the gate, the worker threads and a few counters."""
+    """What the endpoints share: the service (model, tokenizer, engine), the API key and a few counters."""
 
-    def __init__(self, engine: Engine, api_key: str | None, max_concurrency: int, queue_size: int):
-        self.engine = engine
+    def __init__(self, service: Service, api_key: str | None):
+        self.service = service
         self.api_key = api_key
-        self.gate = Gate(max_concurrency, queue_size)
-        self.executor = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="cogni-generate")
         self.generated_tokens = 0
         self.completed_requests = 0
         self.started = int(time.time())
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.engine.name, "active_generations": self.gate.running,
-                "queued": self.gate.waiting, "max_concurrency": self.gate.max_running,
-                "queue_size": self.gate.max_waiting, "generated_tokens": self.generated_tokens,
+        stats = self.service.engine.stats()
+        return {"status": "ok", "model": self.service.name, "active_generations": stats.active,
+                "queued": stats.queued, "max_batch": stats.max_batch, "max_concurrency": stats.max_batch,
+                "queue_size": stats.max_queue, "generated_tokens": self.generated_tokens,
                 "completed_requests": self.completed_requests}
 
 
@@ -85,76 +101,74 @@ def plan_max_tokens(prompt_len: int, requested: int | None, param: str, prompt_p
     return requested
 
 
-def make_job(engine: Engine, prompt: list[int], req: SamplingRequest, *, prompt_param: str,
+def make_job(service: Service, prompt: list[int], req: SamplingRequest, *, prompt_param: str,
              stop_ids: tuple[int, ...]) -> Job:
     """A Job for a validated request, with its token budget checked against the context."""
     requested, param = req.requested_max_tokens()
-    n = plan_max_tokens(len(prompt), requested, param, prompt_param, engine.max_seq_len,
-                        engine.generation.max_new_tokens)
+    n = plan_max_tokens(len(prompt), requested, param, prompt_param, service.max_seq_len,
+                        service.generation.max_new_tokens)
     try:
-        settings = engine.settings(n, req.sampling_changes())
+        settings = service.settings(n, req.sampling_changes())
     except CogniError as e:  # e.g. a combination the generation config rejects
         raise ApiError(str(e)) from None
     return Job(prompt=prompt, settings=settings, stop_ids=stop_ids, stop_strings=req.stop_strings())
 
 
-async def admit(state: ServerState) -> None:
-    """Wait for a generation slot; a 429 when the queue is full too."""
-    try:
-        await state.gate.acquire()
-    except ServerBusy as e:
-        raise ApiError(str(e), status=429, type="server_busy", code="queue_full") from None
-
-
 def start(state: ServerState, job: Job) -> AsyncIterator[str]:
-    """Run an admitted job on a worker thread; its text pieces arrive through the returned iterator.
-
-    The gate slot is released when the thread finishes (not when the client leaves), so no more than
-    max_concurrency generations ever run at once.
-    """
+    """Submit a job to the engine (429 when its queue is full); its text pieces arrive through the returned iterator."""
+    service = state.service
+    service.engine.start()  # idempotent: the one background thread that runs every generation
+    try:
+        job.request = service.submit(job.prompt, job.settings, job.stop_ids)
+    except EngineBusy as e:
+        raise ApiError(str(e), status=429, type="server_busy", code="queue_full") from None
     loop = asyncio.get_running_loop()
-    pieces: asyncio.Queue = asyncio.Queue()
+    wake = asyncio.Event()
 
-    def hand_over(item: object) -> None:
+    def notify() -> None:  # called on the engine's thread
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening any more
-            loop.call_soon_threadsafe(pieces.put_nowait, item)
+            loop.call_soon_threadsafe(wake.set)
 
-    def work() -> None:
-        try:
-            for piece in state.engine.run(job):
-                hand_over(piece)
-        except BaseException as e:  # reported to the request, which answers with an error body
-            log.exception("generation failed")
-            hand_over(_Failure(e))
-        finally:
-            hand_over(_DONE)
+    job.request.on_update(notify)
+    return _pieces(state, job, wake)
 
-    def finished(_: object) -> None:
-        state.gate.release()
+
+async def _pieces(state: ServerState, job: Job, wake: asyncio.Event) -> AsyncIterator[str]:
+    """Token ids from the engine -> text pieces, a stop string ending the request; counted when it ends."""
+    request = job.request
+    text = TextStream(state.service.decoder(), job.stop_strings)
+    try:
+        while True:
+            tokens, ended = request.take()
+            for token in tokens:
+                job.completion_tokens += 1
+                piece = text.put(token)
+                if piece:
+                    yield piece
+                if text.stopped:
+                    request.cancel(reason="stop")
+                    return
+            if ended:
+                if request.error is not None:
+                    log.error("generation failed: %s", request.error)
+                    raise request.error
+                tail = text.flush()
+                if tail:
+                    yield tail
+                return
+            await wake.wait()
+            wake.clear()
+    finally:
+        request.cancel()  # a no-op once it has ended; frees the slot when the client went away
         state.generated_tokens += job.completion_tokens
         state.completed_requests += 1
 
-    try:
-        future = loop.run_in_executor(state.executor, work)
-    except BaseException:
-        state.gate.release()
-        raise
-    future.add_done_callback(finished)
-    return _drain(pieces)
-
-
-async def _drain(pieces: asyncio.Queue) -> AsyncIterator[str]:
-    while (item := await pieces.get()) is not _DONE:
-        if isinstance(item, _Failure):
-            raise item.error
-        yield item
-
 
 async def cancel_on_disconnect(request: Request, job: Job) -> None:
-    """Set job.cancel when the client disconnects (for replies that are not streamed)."""
+    """Cancel the job when the client disconnects (for replies that are not streamed)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.cancel.set()
+    job.cancel()
 
 
 class JobStream(StreamingResponse):
@@ -169,7 +183,7 @@ class JobStream(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self.job.cancel.set()
+            self.job.cancel()
 
 
 def sse(data: Any) -> str:
@@ -196,8 +210,7 @@ async def stream_events(fmt, job: Job, pieces: AsyncIterator[str], include_usage
 
 
 async def respond(request: Request, state: ServerState, job: Job, req: SamplingRequest, fmt) -> Response:
-    """Admit and run a job; stream it as events or answer once it has finished."""
-    await admit(state)
+    """Run a job; stream it as events or answer once it has finished."""
     pieces = start(state, job)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -214,23 +227,26 @@ async def respond(request: Request, state: ServerState, job: Job, req: SamplingR
 
 # --- the app ------------------------------------------------------------------------------------
 
-def create_app(engine_or_checkpoint: Engine | str | Path, api_key: str | None = None, *,
-               max_concurrency: int = DEFAULT_MAX_CONCURRENCY, queue_size: int = DEFAULT_QUEUE_SIZE,
-               device: str = "cpu") -> FastAPI:
-    """The server's ASGI app for an Engine, or for a checkpoint directory loaded onto `device`."""
-    if max_concurrency < 1 or queue_size < 0:
-        raise CogniError(f"max_concurrency must be >= 1 and queue_size >= 0, got {max_concurrency} and "
-                         f"{queue_size}; choose other values.")
-    engine = engine_or_checkpoint
-    if not isinstance(engine, Engine):
-        engine = Engine.from_checkpoint(engine_or_checkpoint, device)
-    state = ServerState(engine, api_key or None, max_concurrency, queue_size)
+def create_app(service_or_checkpoint: Service | str | Path, api_key: str | None = None, *,
+               max_batch: int = DEFAULT_MAX_BATCH, queue_size: int = DEFAULT_QUEUE_SIZE, device: str = "cpu",
+               dtype: str = "auto") -> FastAPI:
+    """The server's ASGI app for a Service, or for a checkpoint directory loaded onto `device` (then
+    `max_batch`, `queue_size` and `dtype` set up its engine)."""
+    service = service_or_checkpoint
+    if not isinstance(service, Service):
+        if max_batch < 1 or queue_size < 0:
+            raise CogniError(f"max_batch must be >= 1 and queue_size >= 0, got {max_batch} and {queue_size}; "
+                             "choose other values.")
+        service = Service.from_checkpoint(service_or_checkpoint, device, dtype=dtype, max_batch=max_batch,
+                                          queue_size=queue_size)
+    state = ServerState(service, api_key or None)
     page = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        service.engine.start()
         yield
-        state.executor.shutdown(wait=True)  # uvicorn has already let in-flight requests finish
+        service.engine.stop()  # uvicorn has already let in-flight requests finish
 
     app = FastAPI(title="Cogni-Mamba", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state
@@ -255,22 +271,22 @@ def create_app(engine_or_checkpoint: Engine | str | Path, api_key: str | None = 
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": state.started,
-                                            "owned_by": "cogni-mamba", "context_length": engine.max_seq_len}]}
+        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": state.started,
+                                            "owned_by": "cogni-mamba", "context_length": service.max_seq_len}]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request) -> Response:
         req = parse(ChatRequest, await request.body())
-        prompt = engine.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
-        job = make_job(engine, prompt, req, prompt_param="messages", stop_ids=engine.chat_stop_ids())
-        return await respond(request, state, job, req, ChatFormat(engine.name))
+        prompt = service.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
+        job = make_job(service, prompt, req, prompt_param="messages", stop_ids=service.chat_stop_ids())
+        return await respond(request, state, job, req, ChatFormat(service.name))
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request) -> Response:
         req = parse(CompletionRequest, await request.body())
-        prompt = engine.text_prompt(req.prompt_text())
-        job = make_job(engine, prompt, req, prompt_param="prompt", stop_ids=engine.text_stop_ids())
-        return await respond(request, state, job, req, TextFormat(engine.name))
+        prompt = service.text_prompt(req.prompt_text())
+        job = make_job(service, prompt, req, prompt_param="prompt", stop_ids=service.text_stop_ids())
+        return await respond(request, state, job, req, TextFormat(service.name))
 
     return app
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .engine import Job
+if TYPE_CHECKING:
+    from .app import Job
 
 
 def usage(job: Job) -> dict[str, int]:

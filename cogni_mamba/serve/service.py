@@ -1,0 +1,86 @@
+"""The server's model side: prompts and settings for a request, and the shared inference engine.
+
+The server is stateless: every request carries its whole conversation, rendered with the tokenizer's
+chat template (chat) or prefixed with BOS (completions). Every request runs in one continuous-batching
+`Engine` (one background thread, `max_batch` rows, a bounded first-come queue). Nothing here knows HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import GenerationConfig
+from ..errors import CogniError
+from ..generate import settings_with
+from ..inference import Engine, Request
+
+DEFAULT_MAX_BATCH = 8
+DEFAULT_QUEUE_SIZE = 32
+
+
+class Service:
+    """A model, its tokenizer, the checkpoint's default sampling settings and the engine that runs them."""
+
+    def __init__(self, model, tokenizer, generation: GenerationConfig | None = None, *, name: str = "cogni-mamba",
+                 max_batch: int = DEFAULT_MAX_BATCH, queue_size: int = DEFAULT_QUEUE_SIZE):
+        if tokenizer is None:
+            raise CogniError("The server needs a tokenizer; use a checkpoint saved with its tokenizer/ folder.")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.generation = generation or GenerationConfig()
+        self.name = name
+        self.engine = Engine(model, max_batch=max_batch, max_queue=queue_size, bos_id=tokenizer.bos_id)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: Any = "cpu", *, name: str | None = None, dtype: str = "auto",
+                        **kwargs: Any) -> Service:
+        """Load a checkpoint (or a run directory's latest) for serving, in `dtype` (auto: bf16 where native)."""
+        from ..checkpoint import find_checkpoint
+        from ..inference import load_model_for_inference
+
+        model, tokenizer, config = load_model_for_inference(path, device, dtype)
+        if tokenizer is None:
+            raise CogniError(f"Checkpoint {path} has no tokenizer/ folder, so its replies cannot be decoded; "
+                             "serve a checkpoint written by `cogni-mamba train`.")
+        return cls(model, tokenizer, config.generation, name=name or model_name_for(find_checkpoint(path)), **kwargs)
+
+    @property
+    def max_seq_len(self) -> int:
+        """The model's context length in tokens (prompt and reply together)."""
+        return self.model.config.max_seq_len
+
+    def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """Prompt ids of a conversation, ending with the assistant's turn marker."""
+        ids, _ = self.tokenizer.render_chat(messages, add_generation_prompt=True)
+        return ids
+
+    def text_prompt(self, text: str) -> list[int]:
+        """Prompt ids of raw text, after BOS: documents in training start after <|endoftext|> too."""
+        return [self.tokenizer.bos_id, *self.tokenizer.encode(text, special=False)]
+
+    def settings(self, max_new_tokens: int, changes: dict[str, Any]) -> GenerationConfig:
+        """The checkpoint's sampling settings with a request's changes."""
+        return settings_with(self.generation, max_new_tokens=max_new_tokens, **changes)
+
+    def chat_stop_ids(self) -> tuple[int, ...]:
+        """The tokenizer's end-of-turn ids (<|end|>, EOS, and role tokens), as the Chatbot uses."""
+        return tuple(sorted(self.tokenizer.chat_stop_ids))
+
+    def text_stop_ids(self) -> tuple[int, ...]:
+        return (self.tokenizer.eos_id,)
+
+    def submit(self, prompt: list[int], settings: GenerationConfig, stop_ids: Iterable[int]) -> Request:
+        """Queue a generation in the engine (EngineBusy when its queue is full)."""
+        return self.engine.submit(prompt, settings, stop_ids=stop_ids, on_overflow="error")
+
+    def decoder(self):
+        """A fresh incremental decoder; special tokens are not shown, as in the Chatbot."""
+        return self.tokenizer.stream_decoder(skip_special=True)
+
+
+def model_name_for(checkpoint_dir: Path) -> str:
+    """A readable model id: "run/step-100" for a checkpoint inside a run directory, else the folder name."""
+    checkpoint_dir = checkpoint_dir.resolve()
+    return f"{checkpoint_dir.parent.name}/{checkpoint_dir.name}" if checkpoint_dir.parent.name else checkpoint_dir.name
