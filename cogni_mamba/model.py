@@ -72,6 +72,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per row, (B, H, 1, D), over (B, Hkv, S, D) keys and values (grouped heads share one),
+    with the softmax in fp32; `mask` (B or 1, 1, 1, S) marks the keys each row may see."""
+    B, H, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    scores = (q.view(B, Hkv, H // Hkv, D) @ k.transpose(-1, -2)).view(B, H, 1, S)  # (B, H, 1, S)
+    scores = scores.float() * D ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return (probs.view(B, Hkv, H // Hkv, S) @ v).view(B, H, 1, D)
+
+
 class KVCache:
     """Preallocated keys and values for every layer: (n_layers, B, n_kv_heads, max_len, head_dim).
 
@@ -155,10 +168,13 @@ class Attention(nn.Module):
             k, v = cache.update(layer, k.to(cache.k.dtype), v.to(cache.v.dtype))  # (B, Hkv, S, D)
             k, v = k.to(q.dtype), v.to(q.dtype)
             causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, H, T, D)
+        if cache is not None and T == 1 and q.dtype != torch.float32 and q.device.type == "cpu":
+            y = decode_attention(q, k, v, mask)  # SDPA's CPU kernel is 3-10x slower here in bf16
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # (B, H, T, D)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -232,6 +248,7 @@ class CogniMamba(nn.Module):
             positions, mask, end = torch.arange(T, device=input_ids.device), None, T
         cos, sin = self.rotary(positions, end)
         x = self.tok_embeddings(input_ids)  # (B, T, dim)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once here, not twice per layer in apply_rotary
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache, i, mask)
         if cache is not None:
