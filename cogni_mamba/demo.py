@@ -22,7 +22,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -232,19 +232,15 @@ def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: boo
 # --- 5. samples ---------------------------------------------------------------------------------
 
 def sample_stories(model, tokenizer, settings, n: int = 3, seed: int = 0) -> list[str]:
-    """n stories continued from STORY_PROMPTS, sampled as one batch."""
-    from .generate import decode_n, make_generator
+    """n stories continued from STORY_PROMPTS, sampled as one batch (story i with seed + i)."""
+    from .inference import Engine
 
     prompts = [STORY_PROMPTS[i % len(STORY_PROMPTS)] for i in range(n)]
-    ids = [[tokenizer.bos_id, *tokenizer.encode(p, special=False)] for p in prompts]
-    out: list[list[int]] = [[] for _ in prompts]
-    steps = decode_n(model, ids, settings, stop_ids=[tokenizer.eos_id], bos_id=tokenizer.bos_id,
-                     pad_id=tokenizer.pad_id, generator=make_generator(seed))
-    for step in steps:
-        for row, token in enumerate(step):
-            if token is not None:
-                out[row].append(token)
-    return [p + tokenizer.decode(o, skip_special=True) for p, o in zip(prompts, out, strict=True)]
+    engine = Engine(model, max_batch=n, bos_id=tokenizer.bos_id)
+    requests = [engine.submit([tokenizer.bos_id, *tokenizer.encode(p, special=False)],
+                              replace(settings, seed=seed + i), stop_ids=[tokenizer.eos_id])
+                for i, p in enumerate(prompts)]
+    return [p + tokenizer.decode(list(r), skip_special=True) for p, r in zip(prompts, requests, strict=True)]
 
 
 def scripted_chat(chatbot, script=SCRIPT, **settings) -> list[dict[str, str]]:

@@ -1,17 +1,18 @@
-"""Sampling and the KV-cache decode loop.
+"""Sampling, and a static-batch KV-cache decode loop. Token ids only.
 
-The engine knows token ids only. It is built from small pure steps, each testable alone:
-logits processing (repetition penalty, temperature, top-k, top-p, min-p) -> probabilities ->
-sample -> prefill the prompt -> decode one token -> decode n tokens (a generator that yields
-each step as it is made). Text enters in one place: `StopStrings` turns ids into safe text
-pieces through a decode function it is given, holding back anything that may begin a stop string.
+Small pure steps, each testable alone: logits processing (repetition penalty, temperature, top-k,
+top-p, min-p) -> probabilities -> sample -> prefill the prompt -> decode one token -> decode n
+tokens (`decode_n`, a generator that yields each step of a fixed batch as it is made). Chat, the
+server, `generate` and evaluation run on the continuous-batching engine (`cogni_mamba.inference`),
+which uses the same filters per row; `decode_n` stays as the plain reference loop (benchmarks,
+the export checks against transformers and llama.cpp).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -191,42 +192,6 @@ def decode_n(model, prompts: Sequence[Sequence[int]], settings: GenerationConfig
         logits = decode_one(model, tokens, cache)
 
 
-class TokenStream:
-    """The new token ids of one prompt, as an iterator; `finish_reason` is "stop" or "length" once it ends."""
-
-    def __init__(self, steps: Iterator[list[int | None]], max_new_tokens: int):
-        self._steps = steps
-        self._max_new_tokens = max_new_tokens
-        self.count = 0
-        self.finish_reason: str | None = None
-
-    def __iter__(self) -> TokenStream:
-        return self
-
-    def __next__(self) -> int:
-        if self.finish_reason is not None:
-            raise StopIteration
-        step = next(self._steps, None)
-        if step is None or step[0] is None:
-            self.finish_reason = "stop" if step is not None else "length"
-            self._steps.close()
-            raise StopIteration
-        self.count += 1
-        return step[0]
-
-    def close(self) -> None:
-        """Stop generating (frees the cache)."""
-        self._steps.close()
-        if self.finish_reason is None:
-            self.finish_reason = "stop"
-
-
-def generate(model, prompt: Sequence[int], settings: GenerationConfig | None = None, **kwargs) -> TokenStream:
-    """New token ids for one prompt, yielded as they are made (the keyword arguments are decode_n's)."""
-    settings = settings or GenerationConfig()
-    return TokenStream(decode_n(model, [prompt], settings, **kwargs), settings.max_new_tokens)
-
-
 def settings_with(base: GenerationConfig, **changes) -> GenerationConfig:
     """`base` with some sampling settings changed; an unknown name is a CogniError listing the valid ones."""
     names = [f.name for f in dataclasses.fields(GenerationConfig)]
@@ -234,74 +199,3 @@ def settings_with(base: GenerationConfig, **changes) -> GenerationConfig:
     if unknown:
         raise CogniError(f"Unknown generation setting {unknown[0]!r}; valid settings are: {', '.join(names)}.")
     return dataclasses.replace(base, **changes) if changes else base
-
-
-# --- text -----------------------------------------------------------------------------------------
-
-class StopStrings:
-    """Turns generated ids into text pieces that are safe to show.
-
-    `put(id)` returns the new text that can no longer be part of a stop string: a tail that could
-    begin one is held back, and when one appears the text is cut exactly before it and `stopped`
-    becomes True. A tail decoding to U+FFFD (a character split across tokens) is held back for up to
-    three more tokens. The pieces joined, plus `flush()`, equal `text`.
-    """
-
-    MAX_SPLIT_TOKENS = 3  # a UTF-8 character has at most 4 bytes
-
-    def __init__(self, decode: Callable[[list[int]], str], stop_strings: Iterable[str] = ()):
-        self._decode = decode
-        self._stops = [s for s in stop_strings if s]
-        self._ids: list[int] = []
-        self._full = ""
-        self._emitted = 0  # characters of _full already returned
-        self._split_tokens = 0
-        self.stopped = False
-
-    @property
-    def text(self) -> str:
-        """The text released so far."""
-        return self._full[:self._emitted]
-
-    def put(self, token_id: int) -> str:
-        """Add one id; return the text it releases (may be empty)."""
-        if self.stopped:
-            return ""
-        self._ids.append(token_id)
-        self._full = self._decode(self._ids)
-        if self._full.endswith("\ufffd") and self._split_tokens < self.MAX_SPLIT_TOKENS:
-            self._split_tokens += 1
-            return ""
-        self._split_tokens = 0
-        cut = self._find_stop()
-        if cut is not None:
-            self.stopped = True
-            return self._release(cut)
-        return self._release(len(self._full) - self._held_back())
-
-    def flush(self) -> str:
-        """The rest of the text once generation has ended (nothing is held back any more)."""
-        if self.stopped:
-            return ""
-        cut = self._find_stop()
-        if cut is not None:
-            self.stopped = True
-            return self._release(cut)
-        return self._release(len(self._full))
-
-    def _release(self, end: int) -> str:
-        piece = self._full[self._emitted:end]
-        self._emitted = max(self._emitted, end)
-        return piece
-
-    def _find_stop(self) -> int | None:
-        found = [i for i in (self._full.find(s, self._emitted) for s in self._stops) if i >= 0]
-        return min(found) if found else None
-
-    def _held_back(self) -> int:
-        """Length of the longest unreleased tail that is a proper prefix of some stop string."""
-        tail = self._full[self._emitted:]
-        for n in range(min(len(tail), max((len(s) for s in self._stops), default=1) - 1), 0, -1):
-            if any(s.startswith(tail[-n:]) for s in self._stops):
-                return n
-        return 0

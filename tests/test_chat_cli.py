@@ -34,7 +34,8 @@ ENV = {**os.environ, "PYTHONIOENCODING": "utf-8", "PYTHONPATH": str(REPO), "OMP_
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cogni_mamba", *args]
+    # fp32 weights: the references below compute in fp32 (auto would pick bf16 on a CPU with native bf16)
+    return [sys.executable, "-m", "cogni_mamba", *args, "--dtype", "fp32"]
 
 
 def make_checkpoint(root: Path, *, max_seq_len: int, silence_specials: bool = False) -> tuple[Path, CogniMamba]:
@@ -112,6 +113,13 @@ def test_generate_prints_the_prompt_and_its_greedy_continuation(checkpoint):
             out.append(nxt)
             ids.append(nxt)
     assert proc.stdout.decode("utf-8") == "Once upon" + tok.decode(out) + "\n"
+
+    # --n 3: one prefill shared by three greedy rows, so three copies of the same continuation.
+    proc = subprocess.run(cli("generate", "--checkpoint", str(ckpt), "--prompt", "Once upon", "--max-new-tokens", "25",
+                              "--n", "3"), capture_output=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    sample = "Once upon" + tok.decode(out) + "\n"
+    assert proc.stdout.decode("utf-8") == "".join(f"--- sample {i} ---\n{sample}" for i in (1, 2, 3))
 
 
 def test_missing_or_incompatible_checkpoint_is_one_sentence(checkpoint, tmp_path):

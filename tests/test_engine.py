@@ -286,6 +286,20 @@ def test_a_request_above_the_batch_size_or_with_an_empty_prompt_is_refused():
     assert list(Engine(byte_model(), bos_id=256).submit([], greedy_settings(3))) == naive_greedy(byte_model(), [256], 3)
 
 
+def test_finetune_greedy_replies_match_the_naive_chat_reference():
+    from cogni_mamba.finetune import greedy_replies
+    from tests.references import naive_reply
+
+    torch.manual_seed(1)
+    tok = SimpleTokenizer()
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, hidden_dim=128,
+                      max_seq_len=256, init_std=0.3)
+    model = CogniMamba(cfg).eval()  # special rows left random: some replies end early on <|end|> or a role
+    conversations = [[{"role": "user", "content": text}] for text in ("hi", "Tell me a story.", "2+2?", "x" * 50, "ok")]
+    replies = greedy_replies(model, tok, conversations, max_new_tokens=24, batch_size=2)
+    assert replies == [naive_reply(model, tok, c, 24) for c in conversations]
+
+
 # --- text: incremental decoding with stop strings held back ------------------------------------------
 
 class PieceDecoder:

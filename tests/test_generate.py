@@ -1,5 +1,5 @@
-"""Generation: the KV-cache loop against full recomputation, the sampling filters against naive
-implementations written here, seeds, stop ids and stop strings."""
+"""Generation: the engine and the static-batch KV-cache loop against full recomputation, the sampling
+filters against naive implementations written here, seeds and stop ids (stop strings: test_engine.py)."""
 
 from __future__ import annotations
 
@@ -8,23 +8,20 @@ import random
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from cogni_mamba.config import GenerationConfig, ModelConfig
 from cogni_mamba.errors import CogniError
 from cogni_mamba.generate import (
     ContextOverflowError,
-    StopStrings,
     apply_repetition_penalty,
     decode_n,
-    generate,
     min_p_filter,
     process_logits,
     sample,
     top_k_filter,
     top_p_filter,
 )
+from cogni_mamba.inference import Engine
 from cogni_mamba.model import CogniMamba
 
 GREEDY = GenerationConfig(temperature=0.0, top_k=None, top_p=None, max_new_tokens=200)
@@ -39,6 +36,12 @@ def tiny_model(max_seq_len: int = 512, vocab: int = 256) -> CogniMamba:
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab, hidden_dim=128,
                       max_seq_len=max_seq_len, init_std=0.3)
     return CogniMamba(cfg).eval()
+
+
+def generate(model, prompt: list[int], settings: GenerationConfig, *, stop_ids=(), bos_id=None, on_overflow="warn"):
+    """One request through the inference engine (read inline): an iterator of ids with a finish_reason."""
+    return Engine(model, max_batch=2, bos_id=bos_id).submit(prompt, settings, stop_ids=stop_ids,
+                                                             on_overflow=on_overflow)
 
 
 @torch.no_grad()
@@ -257,66 +260,3 @@ def test_greedy_sample_is_argmax_and_top_k_1_is_argmax():
     assert sample(logits, GenerationConfig(temperature=0.0)).tolist() == logits.argmax(-1).tolist()
     cfg = GenerationConfig(temperature=1.5, top_k=1, top_p=None)
     assert sample(logits, cfg, torch.Generator().manual_seed(1)).tolist() == logits.argmax(-1).tolist()
-
-
-# --- stop strings -----------------------------------------------------------------------------------
-
-def naive_stop_text(pieces: list[str], stops: list[str]) -> str:
-    """Text up to the earliest stop string present once the first token completing one has arrived."""
-    text = ""
-    for piece in pieces:
-        text += piece
-        hits = [text.find(s) for s in stops if s and s in text]
-        if hits:
-            return text[:min(hits)]
-    return text
-
-
-def run_stream(pieces: list[str], stops: list[str]) -> tuple[list[str], StopStrings]:
-    vocab = {i: p for i, p in enumerate(pieces)}
-    stream = StopStrings(lambda ids: "".join(vocab[i] for i in ids), stops)
-    out, longest = [], max((len(s) for s in stops), default=1)
-    for i in range(len(pieces)):
-        out.append(stream.put(i))
-        if stream.stopped:
-            break
-        held = "".join(pieces[:i + 1])[len("".join(out)):]
-        assert len(held) < longest  # only a possible stop-string start is ever held back
-    out.append(stream.flush())
-    return out, stream
-
-
-def test_stop_string_spanning_tokens_is_cut_exactly_and_never_streamed():
-    pieces = ["Hello", " wor", "ld", "<", "|us", "er", "|>", "more"]
-    out, stream = run_stream(pieces, ["<|user|>"])
-    assert "".join(out) == "Hello world" == stream.text
-    assert stream.stopped
-    assert all("<" not in p for p in out)
-
-
-def test_false_start_of_a_stop_string_is_released():
-    out, stream = run_stream(["a<", "|u", "x", "b"], ["<|user|>"])
-    assert "".join(out) == "a<|uxb" and not stream.stopped
-    assert out[0] == "a"  # "<" waits until it can no longer begin the stop string
-
-
-@settings(max_examples=300, deadline=None)
-@given(pieces=st.lists(st.text(alphabet="ab<>|xé", max_size=4), max_size=25),
-       stops=st.lists(st.text(alphabet="ab<>|é", min_size=1, max_size=4), max_size=3))
-def test_stop_strings_fuzzed_against_naive(pieces, stops):
-    out, stream = run_stream(pieces, stops)
-    expected = naive_stop_text(pieces, stops)
-    assert "".join(out) == expected == stream.text
-
-
-def test_multibyte_characters_split_across_tokens_never_stream_replacement_chars():
-    text = "héllo 🙂 wörld ✓"
-    ids = list(text.encode("utf-8"))
-    decode = lambda ids: bytes(ids).decode("utf-8", errors="replace")  # noqa: E731
-    stream = StopStrings(decode)
-    out = [stream.put(i) for i in ids] + [stream.flush()]
-    assert "".join(out) == text
-    assert not any("\ufffd" in p for p in out)
-    stream = StopStrings(decode, ["🙂"])
-    out = [stream.put(i) for i in ids] + [stream.flush()]
-    assert "".join(out) == "héllo "

@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     from ..device import resolve_device
 
     kwargs = {} if args.system is None else {"system_prompt": args.system or None}
-    bot = Chatbot.from_checkpoint(args.checkpoint, device=resolve_device(args.device), **kwargs)
+    bot = Chatbot.from_checkpoint(args.checkpoint, device=resolve_device(args.device), dtype=args.dtype, **kwargs)
     bot.configure(**sampling_overrides(args))
     interactive = sys.stdin.isatty()
     if interactive:

@@ -57,12 +57,17 @@ def check_sizes(args: argparse.Namespace, max_seq_len: int) -> tuple[int, int]:
 def print_samples(model, tok, tokens, config, n: int) -> None:
     """Continue the first words of n documents with the checkpoint's sampling settings."""
     from ..evaluate import sample_prompts
-    from ..generate import generate, settings_with
+    from ..generate import settings_with
+    from ..inference import Engine
 
     settings = settings_with(config.generation, max_new_tokens=min(64, config.generation.max_new_tokens))
-    for i, prompt in enumerate(sample_prompts(tokens, tok.eos_id, n)):
-        new = list(generate(model, [tok.bos_id, *prompt], settings, stop_ids=[tok.eos_id], pad_id=tok.pad_id))
-        print(f"--- sample {i + 1} ---\n{tok.decode(prompt)}[{tok.decode(new)}]")
+    prompts = sample_prompts(tokens, tok.eos_id, n)
+    if not prompts:
+        return
+    engine = Engine(model, max_batch=len(prompts), bos_id=tok.bos_id)  # the samples run as one batch
+    requests = [engine.submit([tok.bos_id, *prompt], settings, stop_ids=[tok.eos_id]) for prompt in prompts]
+    for i, (prompt, request) in enumerate(zip(prompts, requests, strict=True)):
+        print(f"--- sample {i + 1} ---\n{tok.decode(prompt)}[{tok.decode(list(request))}]")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="fixed seed: the same seed gives the same text")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="weights' dtype (default auto: bf16 on CPUs and GPUs that compute it natively, else fp32)")
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
@@ -36,39 +38,47 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="complete a prompt with a trained checkpoint")
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint or run directory")
     p.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
-    p.add_argument("--n", type=int, default=1, metavar="N", help="number of samples, decoded as one batch")
+    p.add_argument("--n", type=int, default=1, metavar="N",
+                   help="number of samples, decoded as one batch from one prefill of the prompt (with --seed S, "
+                        "sample i uses seed S + i)")
     p.add_argument("--no-echo", action="store_true", help="print only the new text, not the prompt before it")
     add_sampling_args(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint import load_checkpoint_full
     from ..device import resolve_device
     from ..errors import CogniError
-    from ..generate import StopStrings, decode_n, settings_with
+    from ..generate import settings_with
+    from ..inference import Engine, TextStream, load_model_for_inference
 
     if args.n < 1:
         raise CogniError(f"--n must be at least 1, got {args.n}.")
-    model, tok, config = load_checkpoint_full(args.checkpoint, resolve_device(args.device))
+    model, tok, config = load_model_for_inference(args.checkpoint, resolve_device(args.device), args.dtype)
     if tok is None:
         raise CogniError(f"Checkpoint {args.checkpoint} has no tokenizer/ folder; use one saved by `cogni-mamba train`.")
     cfg: GenerationConfig = settings_with(config.generation, **sampling_overrides(args))
     # Documents in the training data follow <|endoftext|>, so a completion starts after one too.
     prompt = [tok.bos_id, *tok.encode(args.prompt)]
-    texts = [StopStrings(tok.decode, args.stop) for _ in range(args.n)]
+    engine = Engine(model, max_batch=args.n, bos_id=tok.bos_id)
+    requests = engine.submit_samples(prompt, cfg, args.n, stop_ids=[tok.eos_id])
+    texts = [TextStream(tok.stream_decoder(), args.stop) for _ in requests]
     stream = args.n == 1  # one sample is printed as it is made; several are printed when all are done
     out = sys.stdout
     if stream and not args.no_echo:
         out.write(args.prompt)
-    for step in decode_n(model, [prompt] * args.n, cfg, stop_ids=[tok.eos_id], pad_id=tok.pad_id):
-        for text, token in zip(texts, step, strict=True):
-            piece = text.put(token) if token is not None else ""
-            if stream and piece:
-                out.write(piece)
-                out.flush()
-        if all(t.stopped for t in texts):
-            break
+    while not all(r.done for r in requests):
+        engine.step()
+        for request, text in zip(requests, texts, strict=True):
+            tokens, _ = request.take()
+            for token in tokens:
+                piece = text.put(token)
+                if stream and piece:
+                    out.write(piece)
+                    out.flush()
+                if text.stopped:
+                    request.cancel(reason="stop")
+                    break
     for i, text in enumerate(texts):
         tail = text.flush()
         if stream:

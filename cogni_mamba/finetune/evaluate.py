@@ -5,25 +5,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..config import GenerationConfig
-from ..generate import decode_n
+from ..inference import Engine, greedy_settings
 
 
 def greedy_replies(model: Any, tokenizer: Any, prompts: Sequence[Sequence[dict]], *, max_new_tokens: int = 32,
                    batch_size: int = 64) -> list[str]:
-    """The greedy reply to each conversation (rendered with a generation prompt), up to `<|end|>`."""
-    settings = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens, top_k=None, top_p=None)
-    replies: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [tokenizer.render_chat(m, add_generation_prompt=True)[0] for m in prompts[start: start + batch_size]]
-        rows: list[list[int]] = [[] for _ in chunk]
-        for step in decode_n(model, chunk, settings, stop_ids=tokenizer.chat_stop_ids, bos_id=tokenizer.bos_id,
-                             pad_id=tokenizer.pad_id):
-            for row, token in zip(rows, step, strict=True):
-                if token is not None:
-                    row.append(token)
-        replies += [tokenizer.decode(row, skip_special=True) for row in rows]
-    return replies
+    """The greedy reply to each conversation (rendered with a generation prompt), up to `<|end|>`.
+
+    All of them go through one engine, `batch_size` rows at a time: a row that ends early is refilled
+    with the next conversation at once.
+    """
+    if not prompts:
+        return []
+    ids = [tokenizer.render_chat(m, add_generation_prompt=True)[0] for m in prompts]
+    room = max(len(p) for p in ids) + max_new_tokens  # cache rows only as long as the longest reply needs
+    engine = Engine(model, max_batch=min(batch_size, len(ids)), max_queue=len(ids), bos_id=tokenizer.bos_id,
+                    max_len=room)
+    settings = greedy_settings(max_new_tokens)
+    requests = [engine.submit(p, settings, stop_ids=tokenizer.chat_stop_ids) for p in ids]
+    return [tokenizer.decode(list(r), skip_special=True) for r in requests]
 
 
 def exact_match_rate(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, system: str | None = None,

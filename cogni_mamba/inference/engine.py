@@ -168,7 +168,7 @@ class Engine:
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise CogniError(f"The engine needs max_batch >= 1, max_queue >= 0 and prefill_chunk >= 1; got "
                              f"{max_batch}, {max_queue} and {prefill_chunk}.")
-        self.model = model.eval()
+        self.model = model  # callers put it in eval mode (dropout would change every token)
         weight = model.tok_embeddings.weight
         self.device = weight.device
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
