@@ -1,32 +1,54 @@
-"""Load on a live local server: requests/s and generated tokens/s at 1, 4 and 8 concurrent clients.
+"""Load: 1, 4, 8, 16 concurrent streaming clients against a live server (or the engine in-process).
 
-Starts `cogni-mamba serve` on 127.0.0.1 (a free port) for a checkpoint, or for a random model of the
-nano preset's shape with the byte-level tokenizer, whose special-token rows are zeroed so that every
-reply runs to --max-tokens (a random model would otherwise stop at random). Each client streams chat
-completions back to back; each level stops after --requests requests or --seconds, whichever is first.
-Tokens are counted from the server's `usage`, and the ratios to one client are printed side by side.
+Each level starts `clients` threads that send requests back to back until each has sent
+--requests-per-client or --seconds have passed; a request streams its tokens, and the time of each
+arrival is kept. Per level: aggregate generated tokens/s (all tokens / the level's wall time), p50 and
+p95 time to the first token, p50 time between tokens, and the ratios to one client, printed side by
+side. The acceptance check of issue 14 (8 clients: >= 3x one client's tokens/s, p50 time to first
+token <= 2x one client's) is printed at the end when both levels ran.
 
-    .venv/bin/python benchmarks/serve_load.py
-    .venv/bin/python benchmarks/serve_load.py --checkpoint runs/nano --max-tokens 128 --server-concurrency 8
+HTTP (default): `cogni-mamba serve` on 127.0.0.1 and a free port (loopback only), streamed chat
+completions; tokens are counted from the server's `usage`, the gaps are between SSE chunks.
+--engine-only: `cogni_mamba.inference.Engine` in this process, its background thread running the
+steps and one Python thread per client iterating its Request (no HTTP); the gaps are between tokens.
+
+Without --checkpoint the model is random with the nano preset's shape and the byte-level tokenizer,
+its special-token rows zeroed so that every reply runs to --max-tokens.
+
+    .venv/bin/python benchmarks/serve_load.py                                  # HTTP, nano-shaped, CPU
+    .venv/bin/python benchmarks/serve_load.py --engine-only --clients 1 8
+    .venv/bin/python benchmarks/serve_load.py --device cuda --clients 1,8,32 --engine-only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 
-from tests.test_serve_fixtures import LiveServer, wait_for  # noqa: E402  (the tests' subprocess launcher)
+
+@dataclass
+class Result:
+    """One request: seconds from sending to each token (or chunk) that arrived, and tokens generated."""
+
+    arrivals: list[float] = field(default_factory=list)
+    tokens: int = 0
+    total: float = 0.0
+
+    @property
+    def ttft(self) -> float:
+        return self.arrivals[0] if self.arrivals else self.total
 
 
 def random_checkpoint(directory: Path) -> Path:
@@ -51,46 +73,84 @@ def random_checkpoint(directory: Path) -> Path:
     return directory
 
 
-def one_request(http: httpx.Client, url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    """(seconds to the first text, seconds in all, completion tokens) of one streamed chat completion."""
-    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0.8,
-            "stream": True, "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    first = None
-    tokens = 0
-    with http.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if first is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                first = time.perf_counter() - start
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    total = time.perf_counter() - start
-    return (first if first is not None else total), total, tokens
+def prompt_text(client: int, k: int) -> str:
+    """Prompts of a few different lengths, so prefills of different sizes mix as they would."""
+    return f"Client {client}, request {k}: tell me a story" + " about a fox and a bird" * (k % 4) + "."
 
 
-def run_level(url: str, clients: int, n_requests: int, seconds: float, max_tokens: int) -> dict:
-    """`clients` threads sending requests back to back until n_requests are done or time is up."""
-    results: list[tuple[float, float, int]] = []
+# --- the two drivers: each runs one request and returns its Result --------------------------------
+
+class HttpDriver:
+    def __init__(self, url: str, max_tokens: int, temperature: float):
+        import httpx
+
+        self.url, self.max_tokens, self.temperature = url, max_tokens, temperature
+        self._local = threading.local()
+        self._httpx = httpx
+
+    def __call__(self, client: int, k: int) -> Result:
+        http = getattr(self._local, "http", None)
+        if http is None:
+            http = self._local.http = self._httpx.Client(timeout=600)
+        body = {"messages": [{"role": "user", "content": prompt_text(client, k)}], "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "stream": True, "stream_options": {"include_usage": True}}
+        result = Result()
+        start = time.perf_counter()
+        with http.stream("POST", self.url + "/v1/chat/completions", json=body) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    result.arrivals.append(time.perf_counter() - start)
+                if chunk.get("usage"):
+                    result.tokens = chunk["usage"]["completion_tokens"]
+        result.total = time.perf_counter() - start
+        return result
+
+
+class EngineDriver:
+    def __init__(self, engine, tokenizer, max_tokens: int, temperature: float):
+        from cogni_mamba.config import GenerationConfig
+
+        self.engine, self.tokenizer = engine, tokenizer
+        self.settings = GenerationConfig(temperature=temperature, top_k=None, top_p=None, max_new_tokens=max_tokens)
+
+    def __call__(self, client: int, k: int) -> Result:
+        messages = [{"role": "user", "content": prompt_text(client, k)}]
+        prompt = list(self.tokenizer.render_chat(messages, add_generation_prompt=True)[0])
+        result = Result()
+        start = time.perf_counter()
+        request = self.engine.submit(prompt, self.settings, stop_ids=self.tokenizer.chat_stop_ids)
+        for _ in request:
+            result.arrivals.append(time.perf_counter() - start)
+        result.tokens = len(result.arrivals)
+        result.total = time.perf_counter() - start
+        return result
+
+
+# --- one level -----------------------------------------------------------------------------------
+
+def run_level(driver, clients: int, per_client: int, seconds: float) -> dict:
+    """`clients` threads sending requests back to back: per_client each, or until `seconds` have passed."""
+    results: list[Result] = []
+    errors: list[str] = []
     lock = threading.Lock()
-    issued = 0
     deadline = time.perf_counter() + seconds
 
     def client(i: int) -> None:
-        nonlocal issued
-        with httpx.Client(timeout=600) as http:
-            while True:
+        for k in range(per_client):
+            if time.perf_counter() > deadline:
+                return
+            try:
+                result = driver(i, k)
+            except Exception as e:  # noqa: BLE001  (reported with the level, not fatal to the others)
                 with lock:
-                    if issued >= n_requests or time.perf_counter() > deadline:
-                        return
-                    issued += 1
-                    k = issued
-                result = one_request(http, url, f"Client {i}, request {k}: tell me a story.", max_tokens)
-                with lock:
-                    results.append(result)
+                    errors.append(f"{type(e).__name__}: {e}")
+                return
+            with lock:
+                results.append(result)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -99,43 +159,120 @@ def run_level(url: str, clients: int, n_requests: int, seconds: float, max_token
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    tokens = sum(r[2] for r in results)
-    return {"clients": clients, "requests": len(results), "seconds": wall, "req_s": len(results) / wall,
-            "tok_s": tokens / wall, "ttft": statistics.median(r[0] for r in results),
-            "latency": statistics.median(r[1] for r in results)}
+    gaps = [b - a for r in results for a, b in zip(r.arrivals, r.arrivals[1:], strict=False)]
+    ttfts = sorted(r.ttft for r in results)
+    return {"clients": clients, "requests": len(results), "errors": errors, "seconds": wall,
+            "tokens": sum(r.tokens for r in results), "tok_s": sum(r.tokens for r in results) / wall,
+            "ttft_p50": percentile(ttfts, 50), "ttft_p95": percentile(ttfts, 95),
+            "itl_p50": statistics.median(gaps) if gaps else float("nan")}
 
 
-def main() -> None:
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest-rank percentile (nan for no values)."""
+    if not sorted_values:
+        return float("nan")
+    rank = max(1, -(-len(sorted_values) * q // 100))
+    return sorted_values[int(rank) - 1]
+
+
+def print_table(rows: list[dict], markdown: bool) -> None:
+    base = rows[0]
+    head = ["clients", "requests", "seconds", "tokens/s", "x1 tokens/s", "TTFT p50", "TTFT p95", "x1 TTFT p50",
+            "ITL p50"]
+    lines = [[str(r["clients"]), str(r["requests"]), f"{r['seconds']:.1f}", f"{r['tok_s']:,.0f}",
+              f"{r['tok_s'] / base['tok_s']:.2f}x", f"{r['ttft_p50'] * 1e3:.0f} ms", f"{r['ttft_p95'] * 1e3:.0f} ms",
+              f"{r['ttft_p50'] / base['ttft_p50']:.2f}x", f"{r['itl_p50'] * 1e3:.1f} ms"] for r in rows]
+    if markdown:
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+    else:
+        print(" ".join(f"{h:>11}" for h in head))
+        for line in lines:
+            print(" ".join(f"{c:>11}" for c in line))
+    for r in rows:
+        if r["errors"]:
+            print(f"{r['clients']} clients: {len(r['errors'])} failed request(s), e.g. {r['errors'][0]}")
+    one, eight = rows[0], next((r for r in rows if r["clients"] == 8), None)
+    if one["clients"] == 1 and eight is not None:
+        speed, ttft = eight["tok_s"] / one["tok_s"], eight["ttft_p50"] / one["ttft_p50"]
+        verdict = "met" if speed >= 3 and ttft <= 2 else "NOT met"
+        print(f"issue 14 target at 8 clients (>= 3x tokens/s, <= 2x p50 TTFT): {speed:.2f}x, {ttft:.2f}x -> {verdict}")
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def parse_clients(values: list[str]) -> list[int]:
+    out = [int(v) for value in values for v in value.split(",") if v]
+    if not out or min(out) < 1:
+        raise SystemExit("--clients takes positive counts, e.g. --clients 1 4 8 16 or --clients 1,8,32")
+    return out
+
+
+def build_engine(args, checkpoint: Path):
+    import torch
+
+    from cogni_mamba.checkpoint import load_checkpoint
+    from cogni_mamba.inference import Engine
+    from cogni_mamba.inference.precision import prepare_model, resolve_inference_dtype
+
+    device = torch.device(args.device)
+    model, tokenizer = load_checkpoint(checkpoint, device)
+    prepare_model(model, resolve_inference_dtype(args.dtype, device))
+    engine = Engine(model, max_batch=args.max_batch or max(args.clients), max_queue=max(64, 2 * max(args.clients)),
+                    bos_id=tokenizer.bos_id)
+    return engine.start(), tokenizer
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="checkpoint or run directory (default: a random nano-shaped model)")
-    p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
-    p.add_argument("--requests", type=int, default=32, help="requests per level (default 32)")
+    p.add_argument("--clients", nargs="+", default=["1", "4", "8", "16"], help="levels, e.g. 1 4 8 16 or 1,8,32")
+    p.add_argument("--requests-per-client", type=int, default=4, help="requests each client sends (default 4)")
     p.add_argument("--seconds", type=float, default=60.0, help="time limit per level (default 60)")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--server-concurrency", type=int, default=8, help="the server's --max-concurrency (default 8)")
-    p.add_argument("--server-threads", type=int, default=None, help="the server's --threads (default: torch's)")
-    p.add_argument("--device", default="auto")
-    args = p.parse_args()
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--engine-only", action="store_true", help="drive the Engine in this process, without HTTP")
+    p.add_argument("--max-batch", type=int, help="the engine's / server's max batch (default: the most clients)")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of the server / engine (default torch's)")
+    p.add_argument("--markdown", action="store_true")
+    p.add_argument("--quick", action="store_true", help="a smoke run: engine-only, clients 1 and 2, 8 tokens")
+    args = p.parse_args(argv)
+    args.clients = parse_clients(args.clients)
+    if args.quick:
+        args.engine_only, args.clients, args.requests_per_client, args.max_tokens = True, [1, 2], 1, 8
+    if args.threads:
+        import torch
 
+        torch.set_num_threads(args.threads)
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(Path(tmp) / "run")
-        server = LiveServer(checkpoint, "--max-concurrency", str(args.server_concurrency), "--queue-size", "64",
-                            device=args.device, threads=args.server_threads, log_dir=Path(tmp))
-        try:
-            run_level(server.url, 1, 2, 30, 8)  # warm-up (first-call allocations)
-            rows = [run_level(server.url, c, args.requests, args.seconds, args.max_tokens) for c in args.clients]
-            wait_for(lambda: server.health()["active_generations"] == 0, 30)
-        finally:
-            server.stop()
+        mode = "engine in-process" if args.engine_only else "HTTP server on 127.0.0.1"
+        print(f"{mode}: {checkpoint if args.checkpoint else 'random nano-shaped model'}, max_tokens={args.max_tokens}, "
+              f"temperature={args.temperature}, dtype={args.dtype}, device={args.device}, threads="
+              f"{args.threads or 'torch default'}, {args.requests_per_client} requests per client; load {load:.2f}")
+        if args.engine_only:
+            engine, tokenizer = build_engine(args, checkpoint)
+            driver, stop = EngineDriver(engine, tokenizer, args.max_tokens, args.temperature), engine.stop
+        else:
+            from tests.test_serve_fixtures import LiveServer
 
-    print(f"server: {checkpoint}  max_tokens={args.max_tokens}  server concurrency={args.server_concurrency}  "
-          f"threads={args.server_threads or 'torch default'}  device={args.device}")
-    print(f"{'clients':>7} {'requests':>8} {'seconds':>8} {'req/s':>8} {'tokens/s':>9} {'x1 tok/s':>8} "
-          f"{'TTFT p50':>9} {'latency p50':>11}")
-    base = rows[0]["tok_s"]
-    for r in rows:
-        print(f"{r['clients']:>7} {r['requests']:>8} {r['seconds']:>8.1f} {r['req_s']:>8.2f} {r['tok_s']:>9.1f} "
-              f"{r['tok_s'] / base:>7.2f}x {r['ttft'] * 1000:>7.0f}ms {r['latency'] * 1000:>9.0f}ms")
+            extra = ["--max-batch", str(args.max_batch or max(args.clients)), "--queue-size",
+                     str(max(64, 2 * max(args.clients))), "--dtype", args.dtype]
+            server = LiveServer(checkpoint, *extra, device=args.device, threads=args.threads, log_dir=Path(tmp))
+            driver, stop = HttpDriver(server.url, args.max_tokens, args.temperature), server.stop
+        try:
+            run_level(driver, 1, 2, 30)  # warm-up: first-call allocations
+            rows = [run_level(driver, c, args.requests_per_client, args.seconds) for c in args.clients]
+        finally:
+            stop()
+    print_table(rows, args.markdown)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average at the end: {load:.2f}")
 
 
 if __name__ == "__main__":
