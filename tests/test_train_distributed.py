@@ -118,6 +118,18 @@ def test_fsdp_resumes_its_own_checkpoint(runs, tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp_with_muon_and_wsd_equals_one_process_and_resumes(tmp_path):
+    # Muon orthogonalises whole matrices; under FSDP2 its Newton-Schulz products run on sharded DTensors.
+    args = [*RUN_ARGS, "--optimizer", "muon", "--schedule", "wsd"]
+    run([sys.executable, str(WORKER), "--out", str(tmp_path / "single"), *args])
+    run([*TORCHRUN, "--out", str(tmp_path / "fsdp"), *args, "--parallel", "fsdp"], timeout=180)
+    assert_losses_close(logged_losses(tmp_path / "fsdp"), logged_losses(tmp_path / "single"), range(1, 9))
+    rewind(tmp_path / "fsdp", "step-4")
+    run([*TORCHRUN, "--out", str(tmp_path / "fsdp"), *args, "--parallel", "fsdp", "--resume"], timeout=180)
+    assert_losses_close(logged_losses(tmp_path / "fsdp"), logged_losses(tmp_path / "single"), range(1, 9))
+
+
+@pytest.mark.slow
 def test_fsdp_resumes_a_single_process_checkpoint(runs, tmp_path):
     # Same checkpoint format: a one-process run continues as two FSDP ranks (the global data stream is
     # one generator, so the batches match too).

@@ -46,8 +46,10 @@ def wait_for_step(proc: subprocess.Popen, run: Path, step: int, timeout: float =
         time.sleep(0.01)
 
 
-def test_sigkill_then_resume_reproduces_every_loss(tmp_path):
-    args = ["--steps", "40", "--save-interval", "7", "--eval-interval", "10", "--dropout", "0.1"]
+@pytest.mark.parametrize("recipe", [["--optimizer", "adamw", "--schedule", "cosine"],
+                                    ["--optimizer", "muon", "--schedule", "wsd"]], ids=["adamw-cosine", "muon-wsd"])
+def test_sigkill_then_resume_reproduces_every_loss(tmp_path, recipe):
+    args = ["--steps", "40", "--save-interval", "7", "--eval-interval", "10", "--dropout", "0.1", *recipe]
     run_worker(tmp_path / "ref", *args)
     reference = logged_losses(tmp_path / "ref")
     assert sorted(reference) == list(range(1, 41))
@@ -91,8 +93,10 @@ def test_sigterm_saves_the_current_step_and_exits_zero(tmp_path):
     assert state["step"] == stopped
 
 
-def test_two_process_ddp_equals_one_process(tmp_path):
-    args = ["--steps", "8", "--global-batch", "8", "--accum", "2", "--save-interval", "8", "--eval-interval", "4"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_process_ddp_equals_one_process(tmp_path, optimizer):
+    args = ["--steps", "8", "--global-batch", "8", "--accum", "2", "--save-interval", "8", "--eval-interval", "4",
+            "--optimizer", optimizer, "--schedule", "wsd" if optimizer == "muon" else "cosine"]
     run_worker(tmp_path / "single", *args)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
            "--out", str(tmp_path / "ddp"), *args]
@@ -109,4 +113,7 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     m1, _ = load_checkpoint(tmp_path / "single")
     m2, _ = load_checkpoint(tmp_path / "ddp")  # saved from inside DDP: no "module." prefix
     for (name, a), b in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        if optimizer == "adamw":
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        else:  # Muon's bfloat16 Newton-Schulz turns reduction-order noise into rounding flips of single entries
+            assert (a - b).norm() <= 2e-2 * a.norm(), name
