@@ -159,3 +159,18 @@ def test_bf16_cached_decoding_follows_bf16_full_recomputation():
         steps = torch.cat([model(ids[:, t:t + 1], cache=cache).float() for t in range(6, 12)], dim=1)
     err = (steps - full[:, 6:]).norm() / full[:, 6:].norm()
     assert err < 0.03, f"relative logit error {err:.4f} (bf16 rounding is ~0.01)"
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+def test_packed_bf16_linear_matches_fp32_products_and_keeps_the_state_dict():
+    from cogni_mamba.inference.precision import PackedLinear
+
+    model = CogniMamba(ModelConfig(**SMALL))
+    keys = set(model.state_dict())
+    prepare_model(model, torch.bfloat16)
+    assert isinstance(model.layers[0].attention.wq, PackedLinear) and isinstance(model.output, PackedLinear)
+    assert set(model.state_dict()) == keys and model.output.weight is model.tok_embeddings.weight
+    layer = model.layers[0].feed_forward.w1
+    x = torch.randn(2, 5, 64).to(torch.bfloat16)
+    want = F.linear(x.float(), layer.weight.float())  # the same bf16 numbers, multiplied in fp32
+    torch.testing.assert_close(layer(x).float(), want, rtol=0.02, atol=0.02)

