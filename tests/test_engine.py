@@ -286,6 +286,40 @@ def test_a_request_above_the_batch_size_or_with_an_empty_prompt_is_refused():
     assert list(Engine(byte_model(), bos_id=256).submit([], greedy_settings(3))) == naive_greedy(byte_model(), [256], 3)
 
 
+def test_a_failing_step_ends_its_requests_with_the_error_and_the_engine_goes_on():
+    model = byte_model()
+    engine = Engine(model, max_batch=2).start()
+    real_forward = model.forward
+    try:
+        model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory (simulated)"))
+        doomed = engine.submit(list(b"abc"), greedy_settings(5))
+        with pytest.raises(Exception, match="Generation failed: out of memory"):
+            list(doomed)
+        assert doomed.finish_reason == "error"
+        model.forward = real_forward
+        assert list(engine.submit(list(b"abc"), greedy_settings(5))) == naive_greedy(model, list(b"abc"), 5)
+    finally:
+        model.forward = real_forward
+        engine.stop()
+
+
+def test_bf16_weights_run_with_a_bf16_cache(tmp_path):
+    from cogni_mamba.config import Config
+    from cogni_mamba.inference import load_model_for_inference
+    from cogni_mamba.train.checkpoint import save_checkpoint
+
+    model = byte_model()
+    save_checkpoint(tmp_path, "step-1", model, Config(model=model.config), tokenizer=SimpleTokenizer())
+    half, tok, _ = load_model_for_inference(tmp_path, "cpu", "bf16")
+    assert half.tok_embeddings.weight.dtype == torch.bfloat16
+    engine = Engine(half, max_batch=2, bos_id=tok.bos_id)
+    assert engine.cache.k.dtype == torch.bfloat16
+    request = engine.submit(list(b"Once"), greedy_settings(12))
+    assert len(list(request)) == 12 and request.finish_reason == "length"
+    exact, _, _ = load_model_for_inference(tmp_path, "cpu", "fp32")
+    assert exact.tok_embeddings.weight.dtype == torch.float32
+
+
 def test_finetune_greedy_replies_match_the_naive_chat_reference():
     from cogni_mamba.finetune import greedy_replies
     from tests.references import naive_reply
