@@ -1,8 +1,10 @@
 """Shared pieces of the training benchmarks.
 
 - `TrainStep`: one optimizer step on synthetic tokens (AdamW with the trainer's decay groups, autocast
-  bf16/fp16 or fp32, GradScaler for fp16, gradient clipping, optional `torch.compile`), so the
-  benchmarks need no data files and work for our model and for transformers' Llama alike.
+  bf16/fp16 or fp32 (TF32 matmuls on CUDA, as the trainer), GradScaler for fp16, gradient clipping,
+  optional `torch.compile`), so the benchmarks need no data files and work for our model and for
+  transformers' Llama alike. Our model trains on its loss alone (`return_logits=False`), as the
+  trainer does; `RunSpec(loss="logits")` measures the old path that kept the full logits.
 - `alternate` / `median`: time several candidates in turns, so load on a shared machine hits all alike.
 - `RunSpec` / `measure` / `run_isolated`: one configuration measured in a fresh process, because a
   process's peak RSS only grows (on CUDA `max_memory_allocated` is reset instead, so GPU runs can stay
@@ -39,6 +41,7 @@ from cogni_mamba import model as model_module  # noqa: E402
 from cogni_mamba.config import ModelConfig, preset  # noqa: E402
 from cogni_mamba.model import IGNORE_INDEX, CogniMamba  # noqa: E402
 from cogni_mamba.train.optim import param_groups  # noqa: E402
+from cogni_mamba.train.precision import configure_matmul  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -60,7 +63,13 @@ def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.
 
 
 def ours_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return model(x, y)[1]
+    return model(x, y, return_logits=False)[1]
+
+
+def ours_loss_with_logits(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training step before the loss-only path: full logits (kept until after backward, as the
+    trainer's `_, loss = model(x, y)` kept them) and a cross-entropy over their fp32 copy."""
+    return model(x, y)
 
 
 def hf_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -78,27 +87,38 @@ def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, device: tor
 
 
 class TrainStep:
-    """`step(micro_batches)`: forward/backward on each, then one clipped AdamW update; returns the mean loss."""
+    """`step(micro_batches)`: forward/backward on each, then one clipped AdamW update; returns the mean loss.
+
+    For fp16, `skipped` counts the steps the GradScaler skipped (inf/NaN gradients: the scale dropped)
+    and `scaler.get_scale()` is the loss scale now.
+    """
 
     def __init__(self, model: torch.nn.Module, precision: str, device: torch.device, *,
                  loss_fn: Callable = ours_loss, compile: bool = False):
         self.model, self.precision, self.device, self.loss_fn = model, precision, device, loss_fn
+        configure_matmul(precision, device)
         self.forward = torch.compile(model) if compile else model
         self.optimizer = make_optimizer(model, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.skipped = 0
 
     def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         n = len(micro_batches)
         total = 0.0
         for x, y in micro_batches:
             with autocast(self.precision, self.device):
-                loss = self.loss_fn(self.forward, x, y)
+                out = self.loss_fn(self.forward, x, y)
+            kept, loss = out if isinstance(out, tuple) else (None, out)
             self.scaler.scale(loss / n).backward()
+            del kept
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
+            self.skipped += 1
         self.optimizer.zero_grad(set_to_none=True)
         return float(total) / n  # float() waits for the device, so a timed step is a whole step
 
@@ -205,6 +225,7 @@ class RunSpec:
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
     clock: str = "wall"  # see CLOCKS
+    loss: str = "fused"  # "fused": the loss alone (the trainer's path); "logits": full logits + fp32 copy
 
 
 def model_config(spec: RunSpec) -> ModelConfig:
@@ -221,16 +242,20 @@ def rss_bytes() -> int:
 
 
 def _train(spec: RunSpec, model: CogniMamba, device: torch.device) -> dict:
-    step = TrainStep(model, spec.precision, device, compile=spec.compile)
+    loss_fn = ours_loss if spec.loss == "fused" else ours_loss_with_logits
+    step = TrainStep(model, spec.precision, device, compile=spec.compile, loss_fn=loss_fn)
     vocab = model.config.vocab_size
     batches = [synthetic_batch(vocab, spec.batch, spec.seq_len, seed=i, device=device) for i in range(spec.accum)]
     first = timed(lambda: step(batches), device)  # includes compilation when compiling
     for _ in range(spec.warmup - 1):
         step(batches)
-    times = [timed(lambda: step(batches), device, spec.clock) for _ in range(spec.steps)]
+    losses: list[float] = []
+    times = [timed(lambda: losses.append(step(batches)), device, spec.clock) for _ in range(spec.steps)]
     t = median(times)
     return {"step_s": t, "tokens_per_s": spec.batch * spec.seq_len * spec.accum / t, "first_step_s": first,
-            "step_times": times}
+            "step_times": times, "last_loss": losses[-1] if losses else math.nan,
+            "loss_scale": step.scaler.get_scale() if step.scaler.is_enabled() else None,
+            "skipped_steps": step.skipped}
 
 
 @torch.inference_mode()
@@ -279,6 +304,8 @@ def measure(spec: RunSpec) -> dict:
         out = (_train if spec.mode == "train" else _decode)(spec, model, device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss_bytes()
     out.update(params=model.num_parameters(), peak_bytes=peak - base, base_bytes=base)
+    if device.type == "cuda":  # what the caching allocator held at most (what nvidia-smi would show)
+        out["reserved_bytes"] = torch.cuda.max_memory_reserved(device)
     del model
     return out
 

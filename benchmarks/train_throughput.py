@@ -14,7 +14,8 @@ times the process's CPU time, which counts the work done rather than time spent 
 
 `--ours-only` measures our step alone (a fresh process per configuration on a CPU): tokens/s, MFU
 against the GPU's dense bf16 peak (FLOPs per token from `cogni_mamba.stats.flops_per_token`), peak
-memory and the first step's time (which includes compilation):
+memory (on CUDA `max_memory_allocated` and `max_memory_reserved`), the fp16 loss scale and skipped
+steps, and the first step's time (which includes compilation):
 
     python3 benchmarks/train_throughput.py --ours-only --presets medium --precisions bf16 fp16 --compile ours
 """
@@ -95,8 +96,11 @@ def ours_only(args, device: torch.device) -> list[list[str]]:
             r = measure(spec) if device.type == "cuda" else run_isolated(spec)
             achieved = flops_per_token(model_config(spec), seq)[1] * r["tokens_per_s"]
             mfu = f"{100 * achieved / peak_flops:.1f}%" if peak_flops else f"- ({achieved / 1e9:.0f} GFLOP/s)"
+            reserved = mib(r["reserved_bytes"]) if "reserved_bytes" in r else "-"
+            scale = f"{r['loss_scale']:g} / {r['skipped_steps']}" if r.get("loss_scale") is not None else "-"
             rows.append([name, precision, "yes" if spec.compile else "no", f"{batch} x {seq}",
-                         f"{r['tokens_per_s']:,.0f}", mfu, mib(r["peak_bytes"]), f"{r['first_step_s']:.1f}"])
+                         f"{r['tokens_per_s']:,.0f}", mfu, mib(r["peak_bytes"]), reserved, scale,
+                         f"{r['last_loss']:.3f}", f"{r['first_step_s']:.1f}"])
             print(f"  {name} {precision} compile={spec.compile}: {r['tokens_per_s']:,.0f} tok/s", flush=True)
     return rows
 
@@ -130,7 +134,8 @@ def main() -> None:
         rows = ours_only(args, device)
         print()
         print(markdown_table(["preset", "precision", "compiled", "batch x seq", "tok/s", "MFU (dense bf16 peak)",
-                              "peak memory", "first step s"], rows))
+                              "peak memory", "peak reserved", "fp16 loss scale / skipped", "loss",
+                              "first step s"], rows))
         return
     rows = []
     for name in args.presets:

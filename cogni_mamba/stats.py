@@ -71,17 +71,23 @@ def activation_bytes(cfg: ModelConfig, batch: int, seq_len: int, *, mixed: bool)
 
     Per token and block: the two norm inputs and outputs and the residual stream (kept in fp32
     under autocast), q, k, v and the attention output (twice: SDPA's output and wo's input), and
-    SwiGLU's gate, up, silu(gate) and product. At the end: logits in the compute dtype plus their
-    fp32 copy and its gradient for the cross-entropy.
+    SwiGLU's gate, up, silu(gate) and product. At the end, the training loss
+    (`model.linear_cross_entropy`) keeps the fp32 gradients of the final hidden states and of the
+    head instead of any logits, and while it runs holds one chunk of logits (fp32 and a 16-bit copy
+    for its matmul) and, in mixed precision, a 16-bit copy of the head.
     """
+    from .model import LOSS_CHUNK_ELEMENTS
+
     tokens = batch * seq_len
     small = 2 if mixed else 4  # bytes of a matmul output
     per_block = (4 * cfg.dim * 4  # norm inputs (fp32 residual stream) and rms terms, approximately
                  + small * (2 * cfg.dim  # norm outputs fed to the projections
                             + 3 * cfg.dim + 2 * cfg.kv_dim  # q, attention output (x2), k, v
                             + 4 * cfg.ffn_dim))  # gate, up, silu(gate), product
-    logits = cfg.vocab_size * (small + 4 + 4)
-    return tokens * (cfg.n_layers * per_block + logits)
+    head = cfg.vocab_size * cfg.dim
+    chunk = min(tokens, max(1, LOSS_CHUNK_ELEMENTS // cfg.vocab_size)) * cfg.vocab_size
+    loss = 4 * tokens * cfg.dim + 4 * head + chunk * (4 + small) + (small * head if mixed else 0)
+    return tokens * cfg.n_layers * per_block + loss
 
 
 @dataclass(frozen=True)

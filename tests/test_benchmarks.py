@@ -169,3 +169,55 @@ def test_gpu_check_refuses_clearly_without_cuda(tmp_path):
                                                        "OUT": str(tmp_path)})
     assert proc.returncode != 0
     assert "CUDA" in proc.stderr and "--dry-run" in proc.stderr
+
+
+# --- scripts/gpu_check.sh: order, results as it goes, summary, exit status ---------------------------
+
+GPU_CHECK_ORDER = ["precision", "attention", "dist", "pytest", "torchrun", "eager", "big-batch", "compile",
+                   "transformers", "presets", "ablations", "serve"]
+
+
+def gpu_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    full_env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OUT": str(tmp_path),
+                "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=full_env)
+
+
+def status_lines(tmp_path: Path) -> list[list[str]]:
+    text = (tmp_path / "gpu_check" / "status.tsv").read_text()
+    return [line.split("\t") for line in text.splitlines()]
+
+
+def test_gpu_check_order_and_budget_skips_fail_the_run(tmp_path):
+    proc = gpu_check(tmp_path, GPU_CHECK_BUDGET_S="0")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = status_lines(tmp_path)
+    assert [r[0] for r in rows] == GPU_CHECK_ORDER  # correctness, then throughput, compile, the rest
+    assert all(r[1] == "skipped (budget)" or r[1].startswith("skipped (n/a") for r in rows), rows
+    summary = proc.stdout[proc.stdout.index("### Summary"):]
+    assert [line.split(":")[0].strip("| ") for line in summary.splitlines() if line.startswith("| ") and
+            not line.startswith("| step")] == GPU_CHECK_ORDER
+
+
+def test_gpu_check_writes_each_step_as_it_ends_and_a_failed_step_fails_the_run(tmp_path):
+    proc = gpu_check(tmp_path, GPU_CHECK_ONLY="precision attention", GPU_CHECK_FAIL="attention")
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = {r[0]: r for r in status_lines(tmp_path)}
+    assert rows["precision"][1] == "ok" and float(rows["precision"][2]) >= 0
+    assert rows["attention"][1] == "failed"
+    assert all(rows[k][1] == "skipped (n/a: not selected)" for k in GPU_CHECK_ORDER if k not in
+               ("precision", "attention"))
+    log = (tmp_path / "gpu_check" / "gpu_check.md").read_text()
+    assert "bf16 vs fp32: first-step relative difference" in log and "PASS" in log  # the real check ran
+    assert "injected failure (GPU_CHECK_FAIL=attention)" in log
+    assert "| precision: bf16 / fp16 training losses vs fp32, nano | ok |" in proc.stdout
+    assert "| attention: " in proc.stdout and "| failed |" in proc.stdout
+
+
+def test_gpu_check_steps_that_do_not_apply_do_not_fail_the_run(tmp_path):
+    proc = gpu_check(tmp_path, GPU_CHECK_ONLY="nothing")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    rows = status_lines(tmp_path)
+    assert [r[0] for r in rows] == GPU_CHECK_ORDER and all(r[1].startswith("skipped (n/a") for r in rows), rows
+    assert "### Summary" in proc.stdout

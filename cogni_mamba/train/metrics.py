@@ -103,8 +103,13 @@ def _finite(x: Any) -> bool:
 
 
 def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], path: str | Path) -> None:
-    """Write the train/val loss curves to a PNG (atomically, so a viewer never sees half a file)."""
-    import matplotlib
+    """Write the train/val loss curves to a PNG (atomically, so a viewer never sees half a file).
+
+    Without matplotlib (a bare GPU image) there is no plot; metrics.jsonl holds the same numbers."""
+    try:
+        import matplotlib
+    except ImportError:
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
