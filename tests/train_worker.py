@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--parallel", default="ddp", help="train.parallel under torchrun: ddp or fsdp")
     p.add_argument("--device", default="cpu", help="cpu, or cuda: each rank its own GPU (cuda:LOCAL_RANK)")
+    p.add_argument("--optimizer", default="adamw", help="train.optimizer: adamw or muon")
+    p.add_argument("--schedule", default="cosine", help="train.schedule: cosine or wsd")
     a = p.parse_args(argv)
 
     import os
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(batch_size=a.global_batch // info.world_size, grad_accum=a.accum, max_steps=a.steps,
                       lr=3e-3, min_lr=3e-4, warmup_steps=5, eval_interval=a.eval_interval, eval_batches=2,
                       save_interval=a.save_interval, keep_last=2, precision="fp32", out_dir=a.out,
-                      parallel=a.parallel)
+                      parallel=a.parallel, optimizer=a.optimizer, schedule=a.schedule)
     train = RandomTokens(cfg.batch_size, a.seq, seed=7, rank=info.rank, world_size=info.world_size,
                          batches_per_epoch=25, sleep=a.sleep)
     val = [next(RandomTokens(4, a.seq, seed=99 + i)) for i in range(2)]
