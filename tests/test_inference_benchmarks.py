@@ -1,0 +1,82 @@
+"""The inference benchmarks: their small helpers against plain references, and quick smoke runs that
+print complete tables (decode speed, serve load through the engine, precision agreement)."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import decode_speed  # noqa: E402
+import serve_load  # noqa: E402
+
+
+@pytest.mark.parametrize("q", [1, 50, 95, 100])
+def test_percentile_is_the_nearest_rank(q):
+    values = sorted([0.3, 0.1, 0.7, 0.2, 0.9, 0.5, 0.4])
+    rank = math.ceil(q / 100 * len(values))  # written out: the smallest value with q% of them at or below it
+    assert serve_load.percentile(values, q) == values[rank - 1]
+    assert math.isnan(serve_load.percentile([], q))
+
+
+def test_agreement_counts_tokens_before_the_first_difference():
+    ref = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    other = torch.tensor([[1, 2, 9, 4], [5, 6, 7, 8]])  # row 0 differs at 2 (its later match does not count)
+    assert decode_speed.agreement(ref, other) == pytest.approx((2 / 4 + 4 / 4) / 2)
+
+
+def test_clients_parse_spaces_and_commas():
+    assert serve_load.parse_clients(["1,8,32"]) == [1, 8, 32]
+    assert serve_load.parse_clients(["1", "4", "8"]) == [1, 4, 8]
+    with pytest.raises(SystemExit):
+        serve_load.parse_clients(["0"])
+
+
+def test_serve_load_quick_through_the_engine(capsys):
+    serve_load.main(["--quick"])
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+[12]\s+\d+\s", line)]
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert all(float(r[3].replace(",", "")) > 0 for r in rows)  # tokens/s
+    assert "failed request" not in out
+
+
+@pytest.mark.slow  # ~20 s: imports transformers and times five decoders
+def test_decode_speed_quick_prints_every_candidate(capsys):
+    decode_speed.main(["--quick"])
+    out = capsys.readouterr().out
+    for name in ("ours fp32", "ours bf16", "ours int8", "transformers fp32"):
+        assert len(re.findall(rf"^{name}\s+[\d,]+\s", out, flags=re.M)) == 2, name  # batch 1 and 2
+    # our fp32 and transformers decode the same weights greedily: the same tokens
+    assert all(line.split()[-1] == "1.00" for line in out.splitlines() if line.startswith("transformers fp32"))
+
+
+def test_inference_precision_on_a_small_checkpoint(tmp_path, capsys):
+    import inference_precision
+
+    from cogni_mamba.config import Config, ModelConfig
+    from cogni_mamba.model import CogniMamba
+    from cogni_mamba.tokenizer import SimpleTokenizer
+    from cogni_mamba.train.checkpoint import save_checkpoint
+
+    tok = SimpleTokenizer()
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, hidden_dim=96,
+                      max_seq_len=64)
+    save_checkpoint(tmp_path / "run", "step-1", CogniMamba(cfg), Config(model=cfg), tokenizer=tok)
+    text = tmp_path / "text.jsonl"  # one document per line
+    text.write_text("".join(f'{{"text": "Story {i}: the fox ran to the river and back."}}\n' for i in range(6)))
+    inference_precision.main(["--checkpoint", str(tmp_path / "run"), "--data", str(text), "--prompts", "3",
+                              "--tokens", "4", "--eval-tokens", "500"])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["fp32"], ["bf16"],
+                                                                                               ["int8"])}
+    assert set(rows) == {"fp32", "bf16", "int8"}
+    assert rows["fp32"][1:3] == ["1.000", "3/3"] and float(rows["fp32"][-1]) == 0
+    assert all(abs(float(r[-1])) < 0.05 for r in rows.values())  # eval-loss deltas: small for a random model
