@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import cpu_has_native_bf16
+from ..device import cpu_has_native_bf16, cuda_has_native_bf16
 from ..errors import CogniError
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -32,7 +32,7 @@ def resolve_inference_dtype(name: str, device) -> torch.dtype:
 
 def _native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.cuda.is_available() and cuda_has_native_bf16()
     if device.type == "cpu":
         return cpu_has_native_bf16()
     return False  # MPS and others: bf16 support and speed vary too much to pick it blindly
