@@ -101,6 +101,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PARALLELS = ("ddp", "fsdp")  # under torchrun: whole model per rank, or sharded with FSDP2
 OPTIMIZERS = ("adamw", "muon")  # muon: Muon for the hidden matrices, AdamW for embeddings and norms
 SCHEDULES = ("cosine", "wsd")  # warmup + cosine, or warmup-stable-decay
+TRACKERS = ("tensorboard", "wandb", "trackio")  # experiment trackers beside metrics.jsonl (optional packages)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +135,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     max_bad_steps: int = 5  # non-finite steps in a row before rolling back to the last good checkpoint
     parallel: str = "ddp"  # several processes: "ddp", or "fsdp" for a model too big for one GPU
+    log_to: list[str] = field(default_factory=list)  # trackers besides metrics.jsonl: tensorboard, wandb, trackio
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "epochs", "eval_interval", "eval_batches", "log_interval",
@@ -151,6 +153,8 @@ class TrainConfig:
                  f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
         _require(0 < self.decay_fraction <= 1, f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}.")
         _require(0 <= self.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}.")
+        unknown = [t for t in self.log_to if t not in TRACKERS]
+        _require(not unknown, f"train.log_to names an unknown tracker {unknown[0] if unknown else ''!r}; choose from: {', '.join(TRACKERS)}.")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}.")
         _require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1).")
         _require(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..config import PARALLELS, PRECISIONS
+from ..config import OPTIMIZERS, PARALLELS, PRECISIONS, SCHEDULES, TRACKERS
 from .common import add_config_args, config_from_args
 
 EPILOG = """Each step is train.batch_size x train.grad_accum sequences of data.seq_len tokens on every
@@ -18,6 +18,7 @@ examples:
   cogni-mamba train --preset nano --data data/tinystories --tokenizer tok/ --out runs/nano
   cogni-mamba train --preset nano --data data/tinystories data/code --set data.weights=3,1 --max-steps 2000
   cogni-mamba train --out runs/nano --data data/tinystories --resume
+  cogni-mamba train --preset nano --data data/tinystories --optimizer muon --schedule wsd --log tensorboard
   torchrun --nproc_per_node 4 -m cogni_mamba train --preset small --data data/tinystories --tokenizer gpt2
   torchrun --nproc_per_node 8 -m cogni_mamba train --preset large --parallel fsdp --data data/tinystories
 """
@@ -35,6 +36,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: train.epochs epochs)")
     p.add_argument("--precision", choices=PRECISIONS, help="auto (default), bf16, fp16 (CUDA) or fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--optimizer", choices=OPTIMIZERS,
+                   help="adamw, or muon (Muon on the hidden matrices, AdamW on embeddings and norms)")
+    p.add_argument("--schedule", choices=SCHEDULES, help="cosine, or wsd (warmup, constant, then a final decay)")
+    p.add_argument("--log", nargs="+", choices=TRACKERS, metavar="TRACKER",
+                   help=f"also log to: {', '.join(TRACKERS)} (optional packages; metrics.jsonl is always written)")
     p.add_argument("--parallel", choices=PARALLELS,
                    help="under torchrun: ddp (default; a whole model per GPU) or fsdp (sharded, for models too "
                         "big for one GPU)")
@@ -62,6 +68,9 @@ def _config(args: argparse.Namespace):
         train = replace(train, compile=True)
     if args.parallel:
         train = replace(train, parallel=args.parallel)
+    for flag, field in (("optimizer", "optimizer"), ("schedule", "schedule"), ("log", "log_to")):
+        if getattr(args, flag):
+            train = replace(train, **{field: getattr(args, flag)})
     data = replace(cfg.data, data_dirs=list(args.data)) if args.data else cfg.data
     tokenizer = args.tokenizer or cfg.tokenizer or "gpt2"
     return replace(cfg, train=train, data=data, tokenizer=tokenizer)

@@ -58,6 +58,7 @@ class MetricsLog:
         self.path = Path(path)
         self.train: list[tuple[int, float]] = []
         self.val: list[tuple[int, float]] = []
+        self.sinks: list[Any] = []  # experiment trackers (train/tracking.py): each gets every record too
 
     def truncate_after(self, step: int) -> None:
         """Drop lines of steps after `step` (written by a run that died after its last checkpoint)."""
@@ -90,6 +91,8 @@ class MetricsLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         self._remember(record)
+        for sink in self.sinks:
+            sink.log(record)
 
     def _remember(self, r: dict[str, Any]) -> None:
         if "loss" in r and _finite(r["loss"]):

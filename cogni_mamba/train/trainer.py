@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import Config, TrainConfig
+from ..config import Config, TrainConfig, to_dict
 from ..errors import CogniError
 from ..stats import flops_per_token
 from . import checkpoint as ckpt
@@ -46,6 +46,7 @@ from .metrics import MetricsLog, device_peak_flops, plot_losses
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import autocast, configure_matmul, load_scaler_state, make_scaler, resolve_precision
 from .state import plain, rng_state, set_rng_state
+from .tracking import Trackers
 
 MAX_ROLLBACKS = 2
 
@@ -441,6 +442,9 @@ class Trainer:
         stopped = "finished"
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.progress)
+        trackers = (Trackers(self.cfg.log_to, self.out_dir, to_dict(self.config))
+                    if self.dist.is_main and self.cfg.log_to else None)
+        self.metrics.sinks = [trackers] if trackers else []
         self.raw_model.train()
         try:
             with self._signals():
@@ -471,6 +475,9 @@ class Trainer:
                         break
         finally:
             bar.close()
+            if trackers:
+                trackers.close()
+            self.metrics.sinks = []
         return TrainResult(self.step, self.best_val_loss, self.tokens_seen, time.time() - start, self.bad_steps,
                            stopped)
 
