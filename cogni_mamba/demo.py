@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -72,6 +73,7 @@ class DemoReport:
     build_seconds: float
     stories: list[str] = field(default_factory=list)
     conversation: list[dict[str, str]] = field(default_factory=list)
+    chat_checks: dict[str, float] = field(default_factory=dict)  # see chat_checks()
     reused: bool = False
 
     @property
@@ -260,6 +262,55 @@ def greeting_rate(chatbot, n: int = 10, seed: int = 0, temperature: float = 0.8)
     return hits / n
 
 
+CHECK_ANIMALS = ("fox", "bear", "cat", "dog", "duck", "frog", "owl", "lion", "penguin", "elephant")
+CHECK_NUMBERS = tuple(range(1, 11))
+
+
+def story_is_about(reply: str, kind: str) -> bool:
+    """Whether a story reply is about `kind`: the word appears in the story itself, not only in an
+    opening "Here is a story about a ..." line."""
+    intro, sep, story = reply.partition("\n\n")
+    body = story if sep and "story" in intro.lower() else reply
+    return kind in words_of(body)
+
+
+def number_is_right(reply: str, asked: int, expected: int) -> bool:
+    """Whether the first sentence of a reply gives `expected` as its only number besides the one asked about."""
+    first = reply.strip().split(".")[0]
+    numbers = {int(w) for w in re.findall(r"\d+", first)}
+    return numbers - {asked} == {expected}
+
+
+def chat_checks(chatbot, seed: int = 0, temperature: float = 0.8) -> dict[str, float]:
+    """Does the chat follow the request? Rates over fresh one-turn conversations, sampled at `temperature`
+    as one batch through the engine:
+
+    - story_on_topic / number_right: "Tell me a story about a X." for 10 animals, "What comes after N?" for
+      N = 1..10 (phrasings the corpus uses, with other animals and numbers around them);
+    - held_out_story_on_topic / held_out_number_right: phrasings the corpus generator never emits
+      ("Could you tell me a story about a X?", "Which number follows N?", ...).
+    """
+    from .corpus.dialogues import HELD_OUT_STORY_REQUESTS
+    from .inference import Engine
+
+    cases = [("story_on_topic", f"Tell me a story about a {k}.", k) for k in CHECK_ANIMALS]
+    cases += [("number_right", f"What comes after {n}?", n) for n in CHECK_NUMBERS]
+    cases += [("held_out_story_on_topic", HELD_OUT_STORY_REQUESTS[i % len(HELD_OUT_STORY_REQUESTS)].format(kind=k), k)
+              for i, k in enumerate(CHECK_ANIMALS)]
+    cases += [("held_out_number_right", f"Which number follows {n}?", n) for n in CHECK_NUMBERS]
+    settings = replace(chatbot.settings, temperature=temperature)
+    engine = Engine(chatbot.model, max_batch=len(cases), bos_id=chatbot.tokenizer.bos_id)
+    requests = [engine.submit(chatbot.prompt_ids([{"role": "user", "content": text}], settings.max_new_tokens),
+                              replace(settings, seed=seed + i), stop_ids=chatbot.stop_ids)
+                for i, (_, text, _) in enumerate(cases)]
+    hits: dict[str, list[bool]] = {}
+    for (name, _, arg), request in zip(cases, requests, strict=True):
+        reply = chatbot.tokenizer.decode(list(request), skip_special=True)
+        ok = story_is_about(reply, arg) if "story" in name else number_is_right(reply, arg, arg + 1)
+        hits.setdefault(name, []).append(ok)
+    return {name: sum(v) / len(v) for name, v in hits.items()}
+
+
 def vocabulary_rate(texts: list[str]) -> float:
     """Share of the words of texts that the story grammar can produce."""
     words = [w for t in texts for w in words_of(t)]
@@ -319,6 +370,7 @@ def run_demo(options: DemoOptions, say: Say = print) -> tuple[DemoReport, object
     chatbot = Chatbot(model, tokenizer, run_cfg.generation)
     report.conversation = scripted_chat(chatbot, seed=options.seed)
     chatbot.reset()
+    report.chat_checks = chat_checks(chatbot, seed=options.seed)
     return report, chatbot
 
 

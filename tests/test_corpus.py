@@ -23,7 +23,7 @@ from cogni_mamba.corpus import (
     parse_spec,
     vocabulary,
 )
-from cogni_mamba.corpus.dialogues import USER_GREETINGS
+from cogni_mamba.corpus.dialogues import HELD_OUT_NUMBER_QUESTIONS, HELD_OUT_STORY_REQUESTS, USER_GREETINGS
 from cogni_mamba.corpus.stdlib_code import stdlib_documents
 from cogni_mamba.errors import CogniError
 
@@ -172,21 +172,39 @@ def test_facts_are_right():
                 continue
             q, a = q["content"], a["content"]
             if (hit := re.fullmatch(r"What (?:number )?comes after (\d+)\?", q)):
-                assert a == f"{int(hit[1]) + 1} comes after {hit[1]}."
+                n = int(hit[1])
+                assert a in (f"After {n} comes {n + 1}.", f"The number after {n} is {n + 1}.",
+                             f"{n}, then {n + 1}. {n + 1} comes after {n}."), (q, a)
                 checked["after"] += 1
             elif (hit := re.fullmatch(r"What (?:number )?comes before (\d+)\?", q)):
-                assert a == f"{int(hit[1]) - 1} comes before {hit[1]}."
+                n = int(hit[1])
+                assert a in (f"Before {n} comes {n - 1}.", f"The number before {n} is {n - 1}."), (q, a)
                 checked["before"] += 1
             elif (hit := re.fullmatch(r"What is (\d+) (?:plus|\+) (\d+)\?", q)):
-                assert a == f"{hit[1]} plus {hit[2]} is {int(hit[1]) + int(hit[2])}."
+                x, y = int(hit[1]), int(hit[2])
+                assert a in (f"{x} plus {y} is {x + y}.", f"{x} + {y} = {x + y}."), (q, a)
                 checked["plus"] += 1
+            elif (hit := re.fullmatch(r"(?:Can you count|Count|Please count) to (\d+)[?.]", q)):
+                assert a.removeprefix("Sure! ") == ", ".join(str(i) for i in range(1, int(hit[1]) + 1)) + "."
+                checked["count"] += 1
             elif q == "What colour is the sky?":
                 assert a == "The sky is blue."
                 checked["sky"] += 1
-            elif (hit := re.fullmatch(r"Can you tell me a story about a (\w+)\?", q)):
-                assert hit[1] in words(a)
+            elif (hit := re.fullmatch(r"(?:Can you tell|Tell|Please tell) me a story about an? (\w+)[?.]", q)):
+                intro, _, story = a.partition("\n\n")
+                assert intro.endswith(f"a story about a {hit[1]}.") and hit[1] in words(story), a[:80]
                 checked["story"] += 1
-    assert min(checked[k] for k in ("after", "before", "plus", "sky", "story")) > 0, checked
+    assert min(checked[k] for k in ("after", "before", "plus", "count", "sky", "story")) > 0, checked
+
+
+def test_held_out_phrasings_are_never_generated():
+    held_out = [re.escape(t.split("{")[0]) for t in HELD_OUT_STORY_REQUESTS] + \
+        [re.escape(t.split("{")[0]) for t, _ in HELD_OUT_NUMBER_QUESTIONS]
+    pattern = re.compile("|".join(held_out))
+    rng = random.Random(5)
+    for _ in range(5000):
+        for m in generate_dialogue(rng):
+            assert not pattern.match(m["content"]), m["content"]
 
 
 def test_bpe_text_drops_special_tokens():

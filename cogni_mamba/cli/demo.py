@@ -46,6 +46,13 @@ def print_samples(report, out=sys.stdout) -> None:
     for m in report.conversation:
         who = "you" if m["role"] == "user" else "bot"
         print(f"{who}: {m['content'].strip()}", file=out)
+    checks = report.chat_checks
+    if checks:
+        print("\n=== does it follow the request? (fresh one-turn chats at temperature 0.8) ===", file=out)
+        print(f"story about the animal asked for: {checks['story_on_topic']:.0%} of 10 "
+              f"(unseen phrasings: {checks['held_out_story_on_topic']:.0%}); "
+              f"\"What comes after N?\" right: {checks['number_right']:.0%} of 10 "
+              f"(\"Which number follows N?\": {checks['held_out_number_right']:.0%})", file=out)
 
 
 def run(args: argparse.Namespace) -> int:

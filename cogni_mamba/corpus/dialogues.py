@@ -1,12 +1,20 @@
 """Chat dialogues for the chat template: greetings, questions about the assistant and about stories,
-story requests (answered with a generated story), simple facts, thanks and goodbyes.
+story requests (answered with a generated story about the animal or person asked for), counting and
+small sums, simple facts, thanks and goodbyes.
 
 A dialogue is a list of `{"role": ..., "content": ...}` messages (an optional system message, then
 user/assistant turns). `dialogue_text` renders one with the tokenizer's own chat template, so the BPE
 and the model see exactly the text the Chatbot will build at inference.
 
 Every greeting reply opens with a greeting (`is_greeting` checks that), so "answers with a greeting"
-is a measurable property of a model trained on this corpus.
+is a measurable property of a model trained on this corpus. Likewise a story asked for about a kind
+of hero is about that kind, and number answers are right; `HELD_OUT_STORY_REQUESTS` and
+`HELD_OUT_NUMBER_QUESTIONS` are phrasings the generator never emits, for measuring whether a model
+follows the request rather than a memorised question.
+
+Answers are written so that a small model can get them right token by token: they first repeat what
+was asked ("Okay! Here is a story about a fox.", "After 4 comes 5.") and only then add what is new,
+next to the words it follows from.
 """
 
 from __future__ import annotations
@@ -70,9 +78,17 @@ ABOUT_STORIES = (
       "Sharing is good because it makes everyone happy.")),
 )
 STORY_REQUESTS = ("Tell me a story.", "Can you tell me a story?", "Please tell me a story.",
-                  "Tell me a story about {topic}.", "Can you tell me a story about {topic}?",
-                  "I want a story about {topic}.")
+                  "Tell me a story about {topic}.", "Tell me a story about {topic}.", "Can you tell me a story about {topic}?",
+                  "I want a story about {topic}.", "Please tell me a story about {topic}.",
+                  "Tell me a short story about {topic}.", "I would like a story about {topic}.",
+                  "Can I have a story about {topic}?", "Write a story about {topic}.")
 STORY_INTROS = ("Sure! Here is a story.", "Of course! Here is a story for you.", "Okay! Here is a story.", "")
+TOPIC_INTROS = ("Sure! Here is a story about {topic}.", "Of course! Here is a story about {topic}.",
+                "Okay! Here is a story about {topic}.", "Here is a story about {topic}.")
+# Phrasings the generator never emits: for measuring whether a trained model follows a request.
+HELD_OUT_STORY_REQUESTS = ("Could you tell me a story about a {kind}?", "Tell me a tale about a {kind}.",
+                           "Do you know a story about a {kind}?")
+HELD_OUT_NUMBER_QUESTIONS = (("Which number follows {n}?", "after"), ("What do you get if you add {a} and {b}?", "plus"))
 THANKS = ("Thank you!", "Thanks!", "Thank you so much!", "Thanks, that was nice.", "Thank you, Cogni!")
 THANKS_REPLIES = ("You are welcome!", "You are welcome! I am glad I could help.", "Any time!",
                   "You are very welcome.")
@@ -89,14 +105,22 @@ OPPOSITES = (("big", "small"), ("hot", "cold"), ("up", "down"), ("day", "night")
              ("fast", "slow"), ("old", "new"), ("wet", "dry"), ("tall", "short"), ("open", "closed"))
 FACT_TEMPLATES = {
     "colour": (("What colour is {thing}?", "What is the colour of {thing}?"), ("{Thing} is {colour}.",)),
-    "after": (("What comes after {n}?", "What number comes after {n}?"), ("{n1} comes after {n}.",)),
-    "before": (("What comes before {n1}?", "What number comes before {n1}?"), ("{n} comes before {n1}.",)),
-    "plus": (("What is {a} plus {b}?", "What is {a} + {b}?"), ("{a} plus {b} is {c}.",)),
     "sound": (("What does {animal} say?", "What sound does {animal} make?"), ("{Animal} says {sound}.",)),
     "opposite": (("What is the opposite of {word}?",), ("The opposite of {word} is {other}.",)),
 }
-
-
+NUMBER_TEMPLATES = {
+    "after": (("What comes after {n}?", "What number comes after {n}?", "What is the next number after {n}?",
+               "What is one more than {n}?", "Which number comes after {n}?", "What is after {n}?"),
+              ("After {n} comes {n1}.", "The number after {n} is {n1}.", "{n}, then {n1}. {n1} comes after {n}.")),
+    "before": (("What comes before {n1}?", "What number comes before {n1}?", "Which number comes before {n1}?"),
+               ("Before {n1} comes {n}.", "The number before {n1} is {n}.")),
+    "plus": (("What is {a} plus {b}?", "What is {a} + {b}?", "What is {a} and {b}?", "Add {a} and {b}.",
+              "How much is {a} plus {b}?"),
+             ("{a} plus {b} is {c}.", "{a} + {b} = {c}.")),
+    "count": (("Can you count to {k}?", "Count to {k}.", "Please count to {k}.", "Count from 1 to {k}."),
+              ("Sure! {upto}.", "{upto}.")),
+}
+MAX_NUMBER = 19  # "after" and "before" questions use 0..20; sums use 0..10 + 0..10; counting up to 12
 def _pick(rng: random.Random, pair: tuple[tuple[str, ...], tuple[str, ...]], slots: Slots) -> tuple[str, str]:
     question, answer = pair
     return fill(rng.choice(question), slots), fill(rng.choice(answer), slots)
@@ -110,33 +134,40 @@ def greeting(rng: random.Random) -> tuple[str, str]:
 
 
 def fact(rng: random.Random) -> tuple[str, str]:
-    """A simple fact: colours of things, counting, adding, animal sounds, opposites."""
-    n, a, b = rng.randint(0, 19), rng.randint(0, 10), rng.randint(0, 10)
+    """A simple fact: colours of things, animal sounds, opposites."""
     thing, colour = rng.choice(THINGS)
     animal, sound = rng.choice(SOUNDS)
     word, other = rng.choice(OPPOSITES)
     if rng.random() < 0.5:
         word, other = other, word
-    slots = Slots(thing=thing, colour=colour, n=str(n), n1=str(n + 1), a=str(a), b=str(b), c=str(a + b),
-                  animal=animal, sound=sound, word=word, other=other)
+    slots = Slots(thing=thing, colour=colour, animal=animal, sound=sound, word=word, other=other)
     return _pick(rng, FACT_TEMPLATES[rng.choice(sorted(FACT_TEMPLATES))], slots)
 
 
+def number(rng: random.Random) -> tuple[str, str]:
+    """Counting: the number after or before another, small sums, counting up to a number."""
+    n, a, b, k = rng.randint(0, MAX_NUMBER), rng.randint(0, 10), rng.randint(0, 10), rng.randint(2, 12)
+    slots = Slots(n=str(n), n1=str(n + 1), a=str(a), b=str(b), c=str(a + b), k=str(k),
+                  upto=", ".join(str(i) for i in range(1, k + 1)))
+    return _pick(rng, NUMBER_TEMPLATES[rng.choice(sorted(NUMBER_TEMPLATES))], slots)
+
+
 def story_request(rng: random.Random) -> tuple[str, str]:
-    """A request for a story (maybe about a named kind of hero) answered with a generated story."""
+    """A request for a story, mostly about a kind of hero (maybe named), answered with a story about it."""
     kind, name = rng.choice(g.ANIMAL_KINDS + ("girl", "boy")), None
     request = rng.choice(STORY_REQUESTS)
     if "{topic}" in request:
-        if rng.random() < 0.5:
+        if rng.random() < 0.3:
             name = rng.choice(g.GIRL_NAMES if kind == "girl" else g.BOY_NAMES if kind == "boy"
                               else g.GIRL_NAMES + g.BOY_NAMES)
             topic = f"a {kind} named {name}"
         else:
             topic = f"a {kind}"
         request = request.replace("{topic}", topic)
+        intro = rng.choice(TOPIC_INTROS).replace("{topic}", topic)
     else:
         kind = None  # an open request: any hero
-    intro = rng.choice(STORY_INTROS)
+        intro = rng.choice(STORY_INTROS)
     story = generate_story(rng, kind=kind, name=name)
     return request, f"{intro}\n\n{story}" if intro else story
 
@@ -151,8 +182,9 @@ def _about(table: tuple) -> Callable[[random.Random], tuple[str, str]]:
 
 TOPICS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "self": _about(ABOUT_SELF), "stories": _about(ABOUT_STORIES), "story": story_request, "fact": fact,
+    "number": number,
 }
-TOPIC_WEIGHTS = {"self": 3, "stories": 2, "story": 2, "fact": 4}
+TOPIC_WEIGHTS = {"self": 3, "stories": 1, "story": 3, "fact": 2, "number": 4}
 
 
 def generate_dialogue(rng: random.Random) -> list[dict[str, str]]:
