@@ -78,7 +78,7 @@ def subject_tokenizer(cfg: Config):
         return load_tokenizer(GPT2_FILES), ""
     from cogni_mamba.corpus import CorpusSpec, bpe_text, corpus_documents
 
-    texts = [bpe_text(d) for d in corpus_documents(CorpusSpec(size=400_000, seed=0))]
+    texts = [bpe_text(d) for d in corpus_documents(CorpusSpec(size=1_500_000, seed=0))]
     return train_bpe(texts, cfg.model.vocab_size, progress=False), ""
 
 

@@ -12,8 +12,8 @@ completions; tokens are counted from the server's `usage`, the gaps are between 
 --engine-only: `cogni_mamba.inference.Engine` in this process, its background thread running the
 steps and one Python thread per client iterating its Request (no HTTP); the gaps are between tokens.
 
-Without --checkpoint the model is random with the nano preset's shape and the byte-level tokenizer,
-its special-token rows zeroed so that every reply runs to --max-tokens.
+Without --checkpoint the model is a random nano (its 4,096-token BPE trained on the built-in corpus, as the
+demo's; --byte-tokenizer: the byte-level one), its special-token rows zeroed so every reply runs to --max-tokens.
 
     .venv/bin/python benchmarks/serve_load.py                                  # HTTP, nano-shaped, CPU
     .venv/bin/python benchmarks/serve_load.py --engine-only --clients 1 8
@@ -51,24 +51,32 @@ class Result:
         return self.arrivals[0] if self.arrivals else self.total
 
 
-def random_checkpoint(directory: Path) -> Path:
-    """A random model of the nano preset's shape with the byte tokenizer, saved as a checkpoint."""
+def random_checkpoint(directory: Path, *, byte_tokenizer: bool = False) -> Path:
+    """A random model of the nano preset (a 4,096-token BPE trained on the built-in corpus, as the demo's),
+    saved as a checkpoint; its special-token rows are zeroed so that every reply runs to max_tokens.
+    With byte_tokenizer, the byte-level tokenizer instead (vocabulary 320, prompts ~3.5x longer)."""
     import dataclasses
 
     import torch
 
     from cogni_mamba.config import preset
     from cogni_mamba.model import CogniMamba
-    from cogni_mamba.tokenizer import SimpleTokenizer
+    from cogni_mamba.tokenizer import SimpleTokenizer, train_bpe
     from cogni_mamba.train.checkpoint import save_checkpoint
 
-    tok = SimpleTokenizer()
     cfg = preset("nano")
+    if byte_tokenizer:
+        tok = SimpleTokenizer()
+    else:
+        from cogni_mamba.corpus import CorpusSpec, bpe_text, corpus_documents
+
+        texts = [bpe_text(d) for d in corpus_documents(CorpusSpec(size=1_500_000, seed=0))]
+        tok = train_bpe(texts, cfg.model.vocab_size, progress=False)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=tok.vocab_size, init_std=0.3))
     torch.manual_seed(0)
     model = CogniMamba(cfg.model).eval()
-    with torch.no_grad():
-        model.tok_embeddings.weight[256:] = 0  # tied head: special tokens never win, replies run to max_tokens
+    with torch.no_grad():  # tied head: special tokens never win, replies run to max_tokens
+        model.tok_embeddings.weight[sorted(tok.special_ids)] = 0
     save_checkpoint(directory, "random-nano", model, cfg, tokenizer=tok)
     return directory
 
@@ -237,12 +245,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the server / engine (default torch's)")
+    p.add_argument("--byte-tokenizer", action="store_true", help="the random model uses the byte-level tokenizer")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--quick", action="store_true", help="a smoke run: engine-only, clients 1 and 2, 8 tokens")
     args = p.parse_args(argv)
     args.clients = parse_clients(args.clients)
     if args.quick:
         args.engine_only, args.clients, args.requests_per_client, args.max_tokens = True, [1, 2], 1, 8
+        args.byte_tokenizer = True  # no BPE training in a smoke run
     if args.threads:
         import torch
 
@@ -250,9 +260,10 @@ def main(argv: list[str] | None = None) -> None:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(Path(tmp) / "run")
+        checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(Path(tmp) / "run",
+                                                                                      byte_tokenizer=args.byte_tokenizer)
         mode = "engine in-process" if args.engine_only else "HTTP server on 127.0.0.1"
-        print(f"{mode}: {checkpoint if args.checkpoint else 'random nano-shaped model'}, max_tokens={args.max_tokens}, "
+        print(f"{mode}: {checkpoint if args.checkpoint else 'random nano' + (' (byte tokenizer)' if args.byte_tokenizer else '')}, max_tokens={args.max_tokens}, "
               f"temperature={args.temperature}, dtype={args.dtype}, device={args.device}, threads="
               f"{args.threads or 'torch default'}, {args.requests_per_client} requests per client; load {load:.2f}")
         if args.engine_only:
