@@ -19,7 +19,6 @@ from ..errors import CogniError
 from ..train import checkpoint as ckpt
 from .chat_data import ChatFile, read_chat_file
 from .sft import (
-    PAD_MULTIPLE,
     ChatBatches,
     EncodeStats,
     add_system_prompt,
@@ -148,7 +147,7 @@ def plan_finetune(checkpoint: str | Path, data: str | Path, *, out_dir: str | Pa
 
     dist = current()
     batches = ChatBatches(train_examples, cfg.train.batch_size, tokenizer.pad_id, seed=cfg.data.seed,
-                          rank=dist.rank, world_size=dist.world_size, pad_multiple=PAD_MULTIPLE, max_len=context)
+                          rank=dist.rank, world_size=dist.world_size)
     val_batches = fixed_batches(val_examples, cfg.train.batch_size, tokenizer.pad_id)
     model = CogniMamba(cfg.model)
     ckpt.load_weights(model, source)  # weights only: the optimizer and schedule start anew

@@ -6,8 +6,8 @@ position t is ids[t + 1] when that token is an assistant token, else -100 (ignor
 model learns to write replies, never to predict the user.
 
 Batches pad each row on the right to the longest row of the batch (pad id in the input, -100 in the
-labels), rounded up to a multiple of `PAD_MULTIPLE` tokens within the context: a few widths instead
-of one per batch, and sizes the GPU's matmul tiles like; a compiled model marks the length dynamic. The model is causal, so padding after a conversation cannot change what the conversation's own
+labels), optionally rounded up to a multiple (`ChatBatches(pad_multiple=)`); batches differ in length,
+so the trainer marks that dimension dynamic when it compiles the model (one graph for all lengths). The model is causal, so padding after a conversation cannot change what the conversation's own
 positions compute, and each conversation starts fresh (no packing across conversations: a reply
 must not attend to an unrelated chat). The loss of a batch is the mean over its assistant tokens.
 
@@ -29,7 +29,6 @@ from ..errors import CogniError
 from ..model import IGNORE_INDEX
 
 Example = tuple[list[int], list[int]]  # (input ids, labels), same length
-PAD_MULTIPLE = 64
 
 
 @dataclass
