@@ -9,12 +9,15 @@ processes at one thread each, two at a time, so load on a shared machine hits th
 one's seconds per step is printed beside it. At every evaluation the Trainer scores fixed held-out
 windows; at the end the whole held-out split is scored in bits per byte (`evaluate_stream`).
 
-A recipe is OPTIMIZER:SCHEDULE:LR; the first one is the baseline:
+A recipe is OPTIMIZER:SCHEDULE:LR, or OPTIMIZER:SCHEDULE:LR:auto for a model sized by `cogni-mamba
+plan` for the time budget (with --minutes: then every recipe trains for that wall-clock time instead of
+a number of steps); the first one is the baseline:
 
     .venv/bin/python benchmarks/recipe.py                                     # nano: today's vs Muon + WSD
     .venv/bin/python benchmarks/recipe.py --recipes adamw:cosine:2e-3 muon:wsd:1e-3 muon:wsd:2e-3 \\
         muon:wsd:4e-3 adamw:wsd:2e-3 --steps 400
     .venv/bin/python benchmarks/recipe.py --preset tiny --steps 60 --set train.batch_size=4
+    .venv/bin/python benchmarks/recipe.py --minutes 5 --recipes muon:wsd:2e-3 muon:wsd:2e-3:auto
 """
 
 from __future__ import annotations
@@ -54,16 +57,16 @@ def build_data(sample: Path, work: Path, vocab: int) -> tuple[Path, Path]:
     return tok_dir, data_dir
 
 
-def recipe_config(preset_name: str, recipe: str, steps: int, overrides: list[str], out: Path, data_dir: Path,
-                  vocab_size: int):
+def recipe_config(preset_name: str, recipe: str, steps: int | None, minutes: float | None, overrides: list[str],
+                  out: Path, data_dir: Path, vocab_size: int):
     from cogni_mamba.config import apply_overrides, preset, replace
 
-    optimizer, schedule, lr = recipe.split(":")
+    optimizer, schedule, lr = recipe.split(":")[:3]
     cfg = apply_overrides(preset(preset_name), overrides)
     lr = float(lr)
     train = replace(cfg.train, optimizer=optimizer, schedule=schedule, lr=lr, min_lr=lr / 10, max_steps=steps,
-                    max_minutes=None, precision="fp32", out_dir=str(out), save_interval=10 * steps, keep_last=1,
-                    eval_interval=max(1, steps // 16))
+                    max_minutes=minutes, precision="fp32", out_dir=str(out), save_interval=10**9, keep_last=1,
+                    eval_interval=max(1, steps // 16) if steps else 25, epochs=1000)
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size), train=train,
                    data=replace(cfg.data, data_dirs=[str(data_dir)]))
 
@@ -81,8 +84,15 @@ def worker(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     tok = load_tokenizer(spec["tokenizer"])
     out = Path(spec["out"])
-    cfg = recipe_config(spec["preset"], spec["recipe"], spec["steps"], spec["overrides"], out,
+    cfg = recipe_config(spec["preset"], spec["recipe"], spec["steps"], spec["minutes"], spec["overrides"], out,
                         Path(spec["data"]), tok.vocab_size)
+    start = time.perf_counter()
+    if spec["recipe"].endswith(":auto"):
+        from cogni_mamba.plan import apply_plan, plan_for_budget
+
+        plan = plan_for_budget(spec["minutes"], cfg, torch.device("cpu"))
+        print(plan.describe(), flush=True)
+        cfg = apply_plan(cfg, plan)
     torch.manual_seed(cfg.train.seed)
     model = CogniMamba(cfg.model)
     T, B = cfg.data.seq_len, cfg.train.batch_size
@@ -90,9 +100,8 @@ def worker(spec: dict) -> None:
     val = fixed_batches(cfg.data.data_dirs, T, B, cfg.train.eval_batches)
     trainer = Trainer(model, batches, val, cfg.train, config=cfg, tokenizer=tok, out_dir=out, device=torch.device("cpu"),
                       progress=False, log=lambda m: None)
-    start = time.perf_counter()
     trainer.train()
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start  # planning included
     curve = [(r["step"], r["val_loss"]) for r in trainer.metrics.read() if r.get("val_loss") is not None]
     held_out = prepared_tokens(Path(spec["data"]), tok, "val")
     model.eval()
@@ -101,7 +110,7 @@ def worker(spec: dict) -> None:
     tokens_per_step = B * cfg.train.grad_accum * T
     (out / "result.json").write_text(json.dumps({
         "recipe": spec["recipe"], "bits_per_byte": result.bits_per_byte, "held_out_tokens": result.tokens,
-        "curve": curve, "tokens_per_step": tokens_per_step, "seconds": seconds, "steps": spec["steps"],
+        "curve": curve, "tokens_per_step": tokens_per_step, "seconds": seconds, "steps": trainer.step,
         "parameters": model.num_parameters()}))
 
 
@@ -149,13 +158,13 @@ def report(results: list[dict]) -> list[str]:
     target = base["curve"][-1][1]
     base_tokens = base["steps"] * base["tokens_per_step"]
     lines = [f"baseline {base['recipe']}: final held-out loss {target:.4f} nats/token after {base_tokens:,} tokens",
-             "", "| recipe | held-out bits/byte | vs baseline | tokens to baseline's final loss | share | s/step |",
-             "|---|---|---|---|---|---|"]
+             "", "| recipe | parameters | steps | held-out bits/byte | vs baseline | tokens to baseline's final loss "
+             "| share | s/step |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         reach = tokens_to_reach(r["curve"], target, r["tokens_per_step"])
         share = f"{reach / base_tokens:.0%}" if reach is not None else "not reached"
         reach_text = f"{reach:,.0f}" if reach is not None else "-"
-        lines.append(f"| {r['recipe']} | {r['bits_per_byte']:.4f} | {r['bits_per_byte'] / base['bits_per_byte'] - 1:+.1%}"
+        lines.append(f"| {r['recipe']} | {r['parameters'] / 1e6:.2f}M | {r['steps']} | {r['bits_per_byte']:.4f} | {r['bits_per_byte'] / base['bits_per_byte'] - 1:+.1%}"
                      f" | {reach_text} | {share} | {r['seconds'] / r['steps']:.3f} |")
     return lines
 
@@ -166,6 +175,7 @@ def main() -> None:
     p.add_argument("--recipes", nargs="+", default=["adamw:cosine:2e-3", "muon:wsd:2e-3"],
                    help="OPTIMIZER:SCHEDULE:LR, the first is the baseline (default: today's nano vs Muon + WSD)")
     p.add_argument("--steps", type=int, default=400, help="optimizer steps per recipe (the same tokens for all)")
+    p.add_argument("--minutes", type=float, help="a wall-clock budget per recipe instead of --steps")
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--parallel", type=int, default=2, help="recipes trained at once, one thread each")
@@ -186,9 +196,13 @@ def main() -> None:
     tok_dir, data_dir = build_data(Path(args.sample), work, args.vocab)
     meta = json.loads((data_dir / "meta.json").read_text())
     print(f"data: {meta['splits']['train']['tokens']:,} train / {meta['splits']['val']['tokens']:,} held-out tokens; "
-          f"{args.preset}, {args.steps} steps per recipe, {args.parallel} at a time at one thread each; "
+          f"{args.preset}, {f'{args.minutes:g} minutes' if args.minutes else f'{args.steps} steps'} per recipe, "
+          f"{args.parallel} at a time at one thread each; "
           f"load {os.getloadavg()[0]:.1f}", flush=True)
-    specs = [{"recipe": r, "preset": args.preset, "steps": args.steps, "overrides": args.overrides,
+    if any(r.endswith(":auto") for r in args.recipes) and not args.minutes:
+        raise SystemExit("an :auto recipe sizes its model for a time budget; pass --minutes too.")
+    steps = None if args.minutes else args.steps
+    specs = [{"recipe": r, "preset": args.preset, "steps": steps, "minutes": args.minutes, "overrides": args.overrides,
               "tokenizer": str(tok_dir), "data": str(data_dir), "threads": 1,
               "out": str(work / f"{args.preset}-{r.replace(':', '-')}")} for r in args.recipes]
     results = run_all(specs, args.parallel)

@@ -36,6 +36,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: train.epochs epochs)")
     p.add_argument("--precision", choices=PRECISIONS, help="auto (default), bf16, fp16 (CUDA) or fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--minutes", type=float, metavar="M", help="a wall-clock budget (train.max_minutes)")
+    p.add_argument("--auto-size", action="store_true",
+                   help="with --minutes: measure model sizes on this machine and train the best one for the budget "
+                        "(see `cogni-mamba plan`)")
     p.add_argument("--optimizer", choices=OPTIMIZERS,
                    help="adamw, or muon (Muon on the hidden matrices, AdamW on embeddings and norms)")
     p.add_argument("--schedule", choices=SCHEDULES, help="cosine, or wsd (warmup, constant, then a final decay)")
@@ -68,6 +72,8 @@ def _config(args: argparse.Namespace):
         train = replace(train, compile=True)
     if args.parallel:
         train = replace(train, parallel=args.parallel)
+    if args.minutes is not None:
+        train = replace(train, max_minutes=args.minutes)
     for flag, field in (("optimizer", "optimizer"), ("schedule", "schedule"), ("log", "log_to")):
         if getattr(args, flag):
             train = replace(train, **{field: getattr(args, flag)})
@@ -93,6 +99,23 @@ def _tokenizer_for(cfg, out: Path, resume: bool):
     return tokenizer
 
 
+def _auto_size(cfg, device):
+    """The config with the model `cogni-mamba plan` picks for the run's time budget."""
+    import os
+
+    from ..errors import CogniError
+    from ..plan import apply_plan, plan_for_budget
+
+    if cfg.train.max_minutes is None:
+        raise CogniError("--auto-size sizes the model for a time budget; pass --minutes M too.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise CogniError("--auto-size measures one process; run `cogni-mamba plan` once and pass its shape with "
+                         "--set model.dim=... under torchrun.")
+    plan = plan_for_budget(cfg.train.max_minutes, cfg, device, say=lambda s: print(s, flush=True))
+    print(plan.describe(), flush=True)
+    return apply_plan(cfg, plan)
+
+
 def run(args: argparse.Namespace) -> int:
     import os
 
@@ -115,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         raise CogniError(f"data.seq_len ({cfg.data.seq_len}) exceeds model.max_seq_len ({cfg.model.max_seq_len}); "
                          "lower data.seq_len or raise model.max_seq_len.")
     device = pick_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if args.auto_size and not args.resume:
+        cfg = _auto_size(cfg, device)
     info = init_distributed(device)
     try:
         torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
