@@ -115,6 +115,7 @@ def llama_cpp_generate(llm, n: int) -> Callable[[torch.Tensor], torch.Tensor]:
         rows = []
         for ids in prompt.tolist():  # one sequence at a time (the binding's generate decodes one)
             out = []
+            llm.reset()  # otherwise the binding reuses the cached prompt prefix of the previous run
             for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
                 out.append(token)
                 if len(out) == n:
