@@ -6,7 +6,9 @@ A checkpoint is a directory:
     config.json         the whole Config
     tokenizer/          the tokenizer that produced the training data (when one was given)
     train_state.pt      optimizer, scaler, step, epoch, loader and RNG states (tensors and plain types only)
-    complete.json       written last: a directory without it is an interrupted save and is never used
+    complete.json       written last: a directory without it is an interrupted save and is never used;
+                        it records the sha256 of every other file and is sealed (`integrity.py`), so a
+                        damaged file is named when the checkpoint is loaded or `cogni-mamba verify`ed
 
 A run directory holds checkpoints (`best/`, `epoch-N/`, `step-N/`) and `latest`, a text file naming
 the newest one. Writing lives in `cogni_mamba.train.checkpoint` (training imports this module, never
@@ -27,6 +29,7 @@ from torch import nn
 
 from .config import Config, ConfigError, from_dict
 from .errors import CogniError
+from .integrity import IntegrityError, damaged_files, unseal, verification_enabled
 
 MARKER = "complete.json"
 LATEST = "latest"
@@ -90,6 +93,39 @@ def find_checkpoint(path: str | Path, *, prefer_best: bool = False) -> Path:
 
 
 # --- reading ------------------------------------------------------------------------------------
+
+def read_marker(ckpt: Path) -> dict[str, Any]:
+    """complete.json, its seal checked (a CheckpointError naming the file when it is damaged)."""
+    try:
+        return unseal((ckpt / MARKER).read_text(encoding="utf-8"))[0]
+    except (OSError, UnicodeDecodeError, IntegrityError) as e:
+        raise CheckpointError(f"{ckpt / MARKER} is damaged ({e}); use another checkpoint (an earlier step-N of "
+                              "the run) or save this one again.") from None
+
+
+def damaged_checkpoint_files(ckpt: Path, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """Files of a checkpoint whose sha256 differs from complete.json's record (complete.json itself
+    when its seal is broken); [] for a checkpoint saved before checksums were recorded."""
+    try:
+        marker = read_marker(ckpt)
+    except CheckpointError:
+        return [MARKER]
+    digests = marker.get("sha256")
+    if not isinstance(digests, dict):
+        return []
+    return damaged_files(ckpt, digests, [n for n in digests if n not in skip])
+
+
+def verify_checkpoint(ckpt: Path, *, skip: tuple[str, ...] = ()) -> None:
+    """Raise a CheckpointError naming the first damaged file (skipped with COGNI_MAMBA_NO_VERIFY=1)."""
+    if not verification_enabled():
+        return
+    bad = damaged_checkpoint_files(ckpt, skip=skip)
+    if bad:
+        raise CheckpointError(f"{ckpt / bad[0]} does not match the checksum recorded when the checkpoint was saved, "
+                              "so it is damaged; use another checkpoint (an earlier step-N of the run), or set "
+                              "COGNI_MAMBA_NO_VERIFY=1 to load it anyway.")
+
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain model under DDP and/or torch.compile wrappers (their prefixes never reach a checkpoint)."""
@@ -163,6 +199,7 @@ def load_checkpoint_full(path: str | Path, device: str | torch.device = "cpu", *
     from .model import CogniMamba
 
     ckpt = find_checkpoint(path, prefer_best=prefer_best)
+    verify_checkpoint(ckpt, skip=(TRAIN_STATE,))  # inference never reads the optimizer state
     config = load_config_of(ckpt)
     model = CogniMamba(config.model)
     load_weights(model, ckpt)

@@ -153,7 +153,7 @@ def is_prepared(path: Path) -> bool:
 
 def prepared_tokens(data_dir: Path, tokenizer, split: str = "val") -> np.ndarray:
     """The stored tokens of a prepared split, checked against the tokenizer's fingerprint."""
-    from .data.prepare import read_meta
+    from .data.prepare import read_meta, verify_shard
 
     meta = read_meta(data_dir)
     if meta.get("tokenizer_fingerprint") != tokenizer.fingerprint:
@@ -165,6 +165,7 @@ def prepared_tokens(data_dir: Path, tokenizer, split: str = "val") -> np.ndarray
     expected = meta["splits"][split]["tokens"] * np.dtype(meta["dtype"]).itemsize
     if not path.is_file() or path.stat().st_size != expected:
         raise EvalError(f"{path} is missing or does not match meta.json; re-run `cogni-mamba prepare --force`.")
+    verify_shard(data_dir, split, meta)
     if meta["splits"][split]["tokens"] == 0:
         raise EvalError(f"{data_dir} has an empty {split} split; prepare it with a larger --val-fraction.")
     return np.fromfile(path, dtype=meta["dtype"]).astype(np.int64)

@@ -296,7 +296,7 @@ class _Payload:
         return (exec, (f"open({str(self.marker)!r}, 'w').close()",))
 
 
-def test_malicious_train_state_is_refused_without_running(tmp_path):
+def test_malicious_train_state_is_refused_without_running(tmp_path, monkeypatch):
     # Control: the payload is live when unpickled the unsafe way.
     control = tmp_path / "control-marker"
     torch.save({"step": _Payload(control)}, tmp_path / "control.pt")
@@ -309,6 +309,10 @@ def test_malicious_train_state_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"step": 1, "optimizer": _Payload(marker)}, path / "train_state.pt")
     fresh = make_trainer(tmp_path)
+    with pytest.raises(CogniError, match="train_state.pt does not match the checksum"):
+        fresh.resume()  # the replaced file no longer matches complete.json
+    assert not marker.exists()
+    monkeypatch.setenv("COGNI_MAMBA_NO_VERIFY", "1")  # even unchecked, the pickle never runs
     with pytest.raises(CogniError, match="Refusing"):
         fresh.resume()
     assert not marker.exists()

@@ -13,7 +13,7 @@ from ..errors import CogniError
 # Subcommand modules, in the order `--help` lists them.
 COMMANDS = (
     "demo", "info", "check", "plan", "tokenizer", "prepare", "train", "generate", "chat", "make_chat_data", "finetune",
-    "serve", "eval", "export", "import_hf",
+    "serve", "eval", "export", "import_hf", "verify",
 )
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import CogniError
-from .prepare import read_meta
+from .prepare import read_meta, verify_shard
 
 STATE_VERSION = 1
 _MIX_STREAM = 0x6D6978  # separates the mixture draws from the permutations under one seed
@@ -42,6 +42,7 @@ class _Split:
         path = Path(data_dir) / f"{split}.bin"
         if not path.is_file() or path.stat().st_size != n_tokens * np.dtype(self.meta["dtype"]).itemsize:
             raise CogniError(f"{path} is missing or does not match meta.json; re-run `cogni-mamba prepare --force`.")
+        verify_shard(data_dir, split, self.meta)
         self.n_windows = max(0, (n_tokens - 1) // seq_len)
         if self.n_windows == 0:
             raise CogniError(f"{data_dir} has only {n_tokens} {split} tokens, fewer than seq_len + 1 = "

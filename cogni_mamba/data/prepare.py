@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CogniError
+from ..integrity import IntegrityError, seal_text, sha256_file, unseal, verification_enabled
 from .sources import ReadStats, Source, SourceOptions, resolve_source
 
 FORMAT_VERSION = 1
@@ -59,13 +60,25 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
         raise CogniError(f"{data_dir} is not a prepared dataset (no meta.json); "
                          f"run `cogni-mamba prepare --source ... --out {data_dir}` first.")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CogniError(f"{path} is unreadable ({e}); run `cogni-mamba prepare ... --force` to rebuild it.") from None
+        meta, _ = unseal(path.read_text(encoding="utf-8"), indent=2)
+    except (OSError, UnicodeDecodeError, IntegrityError) as e:
+        raise CogniError(f"{path} is damaged or unreadable ({e}); run `cogni-mamba prepare ... --force` to rebuild "
+                         "it.") from None
     if meta.get("format") != FORMAT_VERSION:
         raise CogniError(f"{path} has format {meta.get('format')!r}, this version reads {FORMAT_VERSION}; "
                          "re-run `cogni-mamba prepare ... --force`.")
     return meta
+
+
+def verify_shard(data_dir: str | os.PathLike, split: str, meta: dict) -> None:
+    """Check a split's .bin against the sha256 in meta.json (streamed; COGNI_MAMBA_NO_VERIFY=1 skips it)."""
+    digest = meta.get("sha256", {}).get(f"{split}.bin")
+    if digest is None or not verification_enabled():
+        return
+    path = Path(data_dir) / f"{split}.bin"
+    if sha256_file(path) != digest:
+        raise CogniError(f"{path} does not match the checksum in meta.json, so it is damaged; re-run "
+                         "`cogni-mamba prepare ... --force` (or set COGNI_MAMBA_NO_VERIFY=1 to use it anyway).")
 
 
 def input_hash(sources: list[Source], fingerprint: str, val_fraction: float, seed: int) -> str:
@@ -181,7 +194,7 @@ def _check_existing(out: Path, fingerprint: str, digest: str, force: bool) -> di
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(seal_text(obj, indent=2), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -225,6 +238,7 @@ def prepare(sources: list[Source | str], tokenizer, out_dir: str | os.PathLike, 
         (out / "meta.json").unlink(missing_ok=True)  # from here on the folder reads as unprepared
         for s in SPLITS:
             os.replace(tmp[s], out / f"{s}.bin")
+        meta["sha256"] = {f"{s}.bin": sha256_file(out / f"{s}.bin") for s in SPLITS}
         _write_json_atomic(out / "meta.json", meta)
     except BaseException:  # also Ctrl-C: never leave temp files or a new empty folder behind
         for path in tmp.values():

@@ -39,8 +39,10 @@ from ..checkpoint import (  # noqa: F401  (the reading side, re-exported for tra
     read_pointer,
     read_weights,
     shared_tensor_aliases,
+    verify_checkpoint,
 )
 from ..config import Config, to_dict
+from ..integrity import seal_text, tree_digests
 from .distributed import is_sharded, load_full_model_state, tied_names, unwrap
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -123,8 +125,8 @@ def save_checkpoint(run_dir: str | Path, name: str, model: nn.Module, config: Co
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
         _fsync_tree(tmp)
-        marker = {"format": 1, **(info or {})}
-        (tmp / MARKER).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        marker = {"format": 1, **(info or {}), "sha256": tree_digests(tmp)}
+        (tmp / MARKER).write_text(seal_text(marker), encoding="utf-8")
         _fsync(tmp / MARKER)
         _fsync(tmp)
         final = run_dir / name
@@ -187,6 +189,7 @@ def remove_stale_temps(run_dir: str | Path) -> None:
 
 def load_weights(model: nn.Module, ckpt: Path, device: str | torch.device = "cpu") -> None:
     """Load model.safetensors into `model` (wrapped by DDP / torch.compile, or sharded by FSDP2)."""
+    verify_checkpoint(ckpt)  # weights, config, tokenizer and the training state
     target = unwrap(model)
     if not is_sharded(target):
         _read.load_weights(target, ckpt, device)
