@@ -396,11 +396,14 @@ class Engine:
             by_settings.setdefault(key, []).append(j)
         for members in by_settings.values():
             settings = self._rows[rows[members[0]]].request.settings
-            index = torch.tensor(members, device=logits.device)
+            if len(members) < len(rows):
+                group_logits = logits[torch.tensor(members, device=logits.device)]
+            else:
+                group_logits = logits  # one set of settings for the whole batch (the usual case): no gather
             seen = None
             if settings.repetition_penalty != 1.0:
                 seen = torch.stack([self._rows[rows[j]].seen for j in members])
-            processed = process_logits(logits[index], settings, seen)  # (m, V)
+            processed = process_logits(group_logits, settings, seen)  # (m, V)
             if settings.temperature == 0:
                 picks = processed.argmax(dim=-1).tolist()
             else:
