@@ -136,6 +136,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # non-finite steps in a row before rolling back to the last good checkpoint
     parallel: str = "ddp"  # several processes: "ddp", or "fsdp" for a model too big for one GPU
     log_to: list[str] = field(default_factory=list)  # trackers besides metrics.jsonl: tensorboard, wandb, trackio
+    on_save_error: str = "stop"  # a failed save (disk full): "stop" the run, or "continue" and retry at the next
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "epochs", "eval_interval", "eval_batches", "log_interval",
@@ -153,6 +154,8 @@ class TrainConfig:
                  f"train.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}.")
         _require(0 < self.decay_fraction <= 1, f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}.")
         _require(0 <= self.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {self.muon_momentum}.")
+        _require(self.on_save_error in ("stop", "continue"),
+                 f"train.on_save_error must be stop or continue, got {self.on_save_error!r}.")
         unknown = [t for t in self.log_to if t not in TRACKERS]
         _require(not unknown, f"train.log_to names an unknown tracker {unknown[0] if unknown else ''!r}; choose from: {', '.join(TRACKERS)}.")
         _require(self.weight_decay >= 0, f"train.weight_decay must be >= 0, got {self.weight_decay}.")

@@ -52,6 +52,7 @@ class DemoOptions:
     out: str = "runs/demo"
     seed: int = 0
     retrain: bool = False
+    force: bool = False  # pre-flight refusals become warnings
     corpus_size: int = DEFAULT_CORPUS_SIZE
     overrides: list[str] = field(default_factory=list)  # extra --set section.field=value
     progress: bool = True
@@ -200,7 +201,8 @@ def plan_steps(budget_s: float, step_s: float, cfg: Config) -> int:
     return max(1, int(budget_s / per_step))
 
 
-def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: bool) -> tuple[Config, dict]:
+def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: bool, force: bool = False
+                ) -> tuple[Config, dict]:
     """Train the nano model on the shards for `budget_s` seconds; returns the config used and the numbers."""
     from .data import TokenBatches, fixed_batches
     from .model import CogniMamba
@@ -221,7 +223,7 @@ def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: boo
     say(f"training: {model.num_parameters() / 1e6:.1f}M parameters on {device.type}, {B} x {T} tokens per step, "
         f"{step_s:.2f} s/step -> {steps} steps in at most {budget_s / 60:.1f} min")
     trainer = Trainer(model, batches, val, cfg.train, config=cfg, tokenizer=tokenizer, out_dir=cfg.train.out_dir,
-                      device=device, progress=progress, log=say)
+                      device=device, progress=progress, log=say, force=force)
     initial = trainer.evaluate()
     trainer.metrics.write({"step": 0, "epoch": 0, "val_loss": initial, "val_ppl": math.exp(min(initial, 50.0))})
     result = trainer.train()
@@ -357,7 +359,7 @@ def run_demo(options: DemoOptions, say: Say = print) -> tuple[DemoReport, object
         if budget < 10:
             raise CogniError(f"Building took {build_s:.0f} s of the {options.minutes:g}-minute budget, leaving too "
                              "little to train; pass a larger --minutes (the build is reused next time).")
-        cfg, numbers = train_model(cfg, tokenizer, budget, say, options.progress)
+        cfg, numbers = train_model(cfg, tokenizer, budget, say, options.progress, options.force)
         numbers["build_seconds"] = build_s
         if numbers.pop("stopped") != "signal":  # a run cut short by Ctrl-C is trained again next time
             _write_atomic(report_path, lambda f: f.write(json.dumps(numbers, indent=2)))

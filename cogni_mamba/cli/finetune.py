@@ -39,6 +39,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.05,
                    help="share of conversations held out for validation (default 0.05; 0 for none)")
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: train.epochs epochs)")
+    p.add_argument("--force", action="store_true",
+                   help="start even when the pre-flight check finds too little free disk or memory (warns instead)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--system", metavar="TEXT",
                    help="system message given to half of the conversations that have none (default: the one "
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
     plan = plan_finetune(args.checkpoint, args.data, out_dir=args.out, overrides=args.overrides,
                          val_fraction=args.val_fraction, max_steps=args.max_steps, resume=args.resume,
-                         system_prompt=args.system, device=args.device, progress=not args.quiet)
+                         system_prompt=args.system, device=args.device, progress=not args.quiet,
+                         force=args.force)
     print(plan.describe())
     result = run_finetune(plan)
     print(result.summary())

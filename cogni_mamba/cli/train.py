@@ -48,6 +48,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--parallel", choices=PARALLELS,
                    help="under torchrun: ddp (default; a whole model per GPU) or fsdp (sharded, for models too "
                         "big for one GPU)")
+    p.add_argument("--force", action="store_true",
+                   help="start even when the pre-flight check finds too little free disk or memory (warns instead)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: this rank's GPU when there is one)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -149,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
                                world_size=info.world_size)
         val = fixed_batches(d.data_dirs, T, B, cfg.train.eval_batches)
         trainer = Trainer(model, batches, val, cfg.train, config=cfg, tokenizer=tokenizer, out_dir=out,
-                          device=device, dist=info, progress=not args.quiet)
+                          device=device, dist=info, progress=not args.quiet, force=args.force)
         if info.is_main:
             n = model.num_parameters()
             print(f"training {n / 1e6:.2f}M parameters on {device} x {info.world_size} in {trainer.precision}: "

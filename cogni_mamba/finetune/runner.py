@@ -116,7 +116,8 @@ def _encode_val(conversations: Sequence, tokenizer: Any, context: int) -> list:
 def plan_finetune(checkpoint: str | Path, data: str | Path, *, out_dir: str | Path | None = None,
                   overrides: Sequence[str] = (), val_fraction: float = 0.05, max_steps: int | None = None,
                   resume: bool = False, system_prompt: str | None = None, device: str | None = None,
-                  progress: bool = True, log: Callable[[str], None] | None = None) -> FinetunePlan:
+                  progress: bool = True, log: Callable[[str], None] | None = None, force: bool = False
+                  ) -> FinetunePlan:
     """Load the checkpoint and the chat data, split and encode it, and build the Trainer (no training yet).
 
     `system_prompt` (default: the Chatbot's default one; "" for none) is added to half of the
@@ -152,7 +153,7 @@ def plan_finetune(checkpoint: str | Path, data: str | Path, *, out_dir: str | Pa
     model = CogniMamba(cfg.model)
     ckpt.load_weights(model, source)  # weights only: the optimizer and schedule start anew
     trainer = Trainer(model, batches, val_batches, cfg.train, config=cfg, tokenizer=tokenizer, out_dir=out,
-                      device=device, dist=dist, progress=progress, log=log)
+                      device=device, dist=dist, progress=progress, log=log, force=force)
     return FinetunePlan(trainer, cfg, source, out, chat_file, train_stats, len(val_convs), len(val_examples), resume)
 
 

@@ -10,6 +10,7 @@ Loading never unpickles code: safetensors for weights, `torch.load(weights_only=
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import nn
 
@@ -118,12 +120,20 @@ def save_checkpoint(run_dir: str | Path, name: str, model: nn.Module, config: Co
     tmp.mkdir()
     try:
         tensors, aliases = weights_for_saving(model, weights)
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        try:
+            save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "aliases": json.dumps(aliases)})
+        except SafetensorError as e:  # safetensors reports a failed write (a full disk) as its own error
+            raise _write_error(e, tmp / WEIGHTS) from None
         (tmp / "config.json").write_text(json.dumps(to_dict(config), indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
             tokenizer.save(tmp / "tokenizer")
         if train_state is not None:
-            torch.save(train_state, tmp / TRAIN_STATE)
+            try:
+                torch.save(train_state, tmp / TRAIN_STATE)
+            except RuntimeError as e:  # torch's zip writer reports a failed write as a RuntimeError
+                if "writ" not in str(e):
+                    raise
+                raise _write_error(e, tmp / TRAIN_STATE) from None
         _fsync_tree(tmp)
         marker = {"format": 1, **(info or {}), "sha256": tree_digests(tmp)}
         (tmp / MARKER).write_text(seal_text(marker), encoding="utf-8")
@@ -137,6 +147,13 @@ def save_checkpoint(run_dir: str | Path, name: str, model: nn.Module, config: Co
     if update_latest:
         write_pointer(run_dir, name)
     return final
+
+
+def _write_error(e: Exception, path: Path) -> OSError:
+    """A library's failed write as an OSError, with the errno it names ("os error 28": ENOSPC)."""
+    m = re.search(r"os error (\d+)", str(e))
+    code = int(m.group(1)) if m else (errno.ENOSPC if shutil.disk_usage(path.parent).free == 0 else errno.EIO)
+    return OSError(code, os.strerror(code), str(path))
 
 
 def link_checkpoint(run_dir: str | Path, src: str, dst: str) -> Path:

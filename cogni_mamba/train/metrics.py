@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -9,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..errors import CogniError
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's datasheets, by the part's name.
 # The first key found in the device name wins, so the specific variants come before the family.
@@ -86,10 +89,22 @@ class MetricsLog:
         return out
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append one record (flushed so a kill loses at most the line being written)."""
+        """Append one record (flushed so a kill loses at most the line being written).
+
+        A write that fails (disk full) is undone, so the file never keeps half a line, and reported
+        as a CogniError: the run stops there, its last checkpoint intact."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = json.dumps(record) + "\n"
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            size = f.tell()
+            try:
+                f.write(line)
+                f.flush()
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    f.truncate(size)
+                raise CogniError(f"Could not write {self.path} ({e.strerror or e}); free some space and continue "
+                                 "the run with --resume.") from None
         self._remember(record)
         for sink in self.sinks:
             sink.log(record)
@@ -129,6 +144,11 @@ def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], pa
     fig.tight_layout()
     path = Path(path)
     tmp = path.with_name(".tmp-" + path.name)
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except OSError:  # disk full: keep the previous plot; metrics.jsonl has the numbers
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    finally:
+        plt.close(fig)

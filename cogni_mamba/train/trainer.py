@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import Config, TrainConfig, to_dict
 from ..errors import CogniError
-from ..stats import flops_per_token
+from ..stats import flops_per_token, human_bytes
 from . import checkpoint as ckpt
 from .distributed import (
     DistInfo,
@@ -45,6 +45,8 @@ from .distributed import (
 from .metrics import MetricsLog, device_peak_flops, plot_losses
 from .optim import build_optimizer, lr_at, set_lr
 from .precision import autocast, configure_matmul, load_scaler_state, make_scaler, resolve_precision
+from .preflight import check as preflight_check
+from .preflight import checkpoint_bytes, free_disk, run_memory
 from .state import plain, rng_state, set_rng_state
 from .tracking import Trackers
 
@@ -137,8 +139,9 @@ class Trainer:
     def __init__(self, model: nn.Module, train_batches: Iterable, val_batches: Iterable | None, cfg: TrainConfig, *,
                  config: Config | None = None, tokenizer: Any = None, out_dir: str | Path | None = None,
                  device: str | torch.device | None = None, dist: DistInfo | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, force: bool = False):
         self.cfg = cfg
+        self.force = force  # pre-flight refusals (disk, memory) become warnings
         self.dist = dist or current()
         self.device = torch.device(device) if device is not None else pick_device(None, self.dist.local_rank)
         self.fsdp = cfg.parallel == "fsdp" and (self.dist.enabled or torch.distributed.is_initialized())
@@ -309,22 +312,48 @@ class Trainer:
         }
 
     def save(self, *, epoch_end: bool = False, best: bool = False) -> Path | None:
-        """Write step-N (and link epoch-N / best to it); rank 0 writes, all ranks wait for it."""
+        """Write step-N (and link epoch-N / best to it); rank 0 writes, all ranks wait for it.
+
+        A save that fails (disk full, or any OSError) leaves no partial files and the previous checkpoint
+        and `latest` as they were; then the run stops with one sentence (a CogniError on every rank), or,
+        with train.on_save_error=continue, logs it and goes on (None is returned)."""
         state = self.train_state()
         weights = full_model_state(self.raw_model) if self.fsdp else None  # gathered onto rank 0's CPU
-        path = None
+        path, error = None, None
         if self.dist.is_main:
             name = f"step-{self.step}"
             info = {"step": self.step, "epoch": self.epoch, "val_loss": self.best_val_loss if best else None}
-            path = ckpt.save_checkpoint(self.out_dir, name, self.raw_model, self.config, tokenizer=self.tokenizer,
-                                        train_state=state, info=info, weights=weights)
-            if epoch_end:
-                ckpt.link_checkpoint(self.out_dir, name, f"epoch-{self.epoch}")
-            if best:
-                ckpt.link_checkpoint(self.out_dir, name, "best")
-            ckpt.prune_step_checkpoints(self.out_dir, self.cfg.keep_last)
-        barrier(self.dist)
-        return path
+            try:
+                path = ckpt.save_checkpoint(self.out_dir, name, self.raw_model, self.config, tokenizer=self.tokenizer,
+                                            train_state=state, info=info, weights=weights)
+                if epoch_end:
+                    ckpt.link_checkpoint(self.out_dir, name, f"epoch-{self.epoch}")
+                if best:
+                    ckpt.link_checkpoint(self.out_dir, name, "best")
+                ckpt.prune_step_checkpoints(self.out_dir, self.cfg.keep_last)
+            except OSError as e:
+                error = e
+        if not max_over_ranks(int(error is not None), self.dist, self.device):  # also the barrier
+            return path
+        message = self._save_failure(error)
+        if self.cfg.on_save_error == "continue":
+            self.log(f"{message} Training goes on (train.on_save_error=continue); the next save tries again.")
+            return None
+        raise CogniError(message)
+
+    def _save_failure(self, error: OSError | None) -> str:
+        """One sentence on a failed save: what happened, what is intact, how to go on."""
+        if error is None:
+            return f"Rank 0 could not save the checkpoint at step {self.step}; see its message."
+        latest = ckpt.read_pointer(self.out_dir)
+        reason = error.strerror or str(error)
+        kept = (f"the last good checkpoint ({self.out_dir / latest}) is intact, so free some space and continue "
+                "from it with --resume" if latest else "no earlier checkpoint exists, so free some space and start again")
+        try:
+            free = f", {human_bytes(free_disk(self.out_dir))} free"
+        except OSError:
+            free = ""
+        return f"Could not save the checkpoint at step {self.step} in {self.out_dir} ({reason}{free}); {kept}."
 
     def resume(self, path: str | Path | None = None) -> Path:
         """Continue from a checkpoint (default: this run's latest): weights, optimizer, data and RNG."""
@@ -442,6 +471,7 @@ class Trainer:
         stopped = "finished"
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.progress)
+        self._preflight()
         trackers = (Trackers(self.cfg.log_to, self.out_dir, to_dict(self.config))
                     if self.dist.is_main and self.cfg.log_to else None)
         self.metrics.sinks = [trackers] if trackers else []
@@ -480,6 +510,20 @@ class Trainer:
             self.metrics.sinks = []
         return TrainResult(self.step, self.best_val_loss, self.tokens_seen, time.time() - start, self.bad_steps,
                            stopped)
+
+    def _preflight(self) -> None:
+        """Disk for the checkpoints and memory for the step, before the first step (see train/preflight.py)."""
+        one = checkpoint_bytes(self.raw_model, self.optimizer)
+        memory = run_memory(self.raw_model.config, self.cfg.batch_size, self.config.data.seq_len, self.precision)
+        if self.fsdp:
+            memory //= self.dist.world_size
+        warnings, refusal = preflight_check(out_dir=self.out_dir, one_checkpoint=one, keep=self.cfg.keep_last,
+                                            memory_needed=memory, device=self.device, force=self.force)
+        if self.dist.is_main:
+            for w in warnings:
+                self.log(w)
+        if max_over_ranks(int(refusal is not None), self.dist, self.device):
+            raise CogniError(refusal or "Another rank's pre-flight check refused this run; see its message.")
 
     def _fit_schedule(self, elapsed: float, steps_taken: int, budget_s: float, bar: Any) -> None:
         """Shorten the schedule so it ends within the time budget (the same on every rank)."""
