@@ -303,6 +303,24 @@ def test_a_failing_step_ends_its_requests_with_the_error_and_the_engine_goes_on(
         engine.stop()
 
 
+def test_ctrl_c_inside_an_inline_step_cancels_what_ran_and_keeps_the_queue():
+    model = byte_model()
+    engine = Engine(model, max_batch=1)
+    running = engine.submit(list(b"abc"), greedy_settings(30))
+    waiting = engine.submit(list(b"xyz"), greedy_settings(6))
+    assert next(running) is not None
+    running.take()  # what the first step made (prefill and one decode), so the next read must step
+    real_forward = model.forward
+    model.forward = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt())
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            next(running)
+    finally:
+        model.forward = real_forward
+    assert running.finish_reason == "cancelled" and engine.stats().active == 0
+    assert list(waiting) == naive_greedy(model, list(b"xyz"), 6)  # the queued request runs on a clean cache
+
+
 def test_bf16_weights_run_with_a_bf16_cache(tmp_path):
     from cogni_mamba.config import Config
     from cogni_mamba.inference import load_model_for_inference

@@ -256,6 +256,8 @@ class Engine:
         with self._cond:
             self._thread = None
             self._cond.notify_all()
+        with self._step_lock:  # a cancel that came after the last step frees its slot now
+            self._drop_cancelled()
 
     def _loop(self, threads: int) -> None:
         # The intra-op thread count is per thread in torch's OpenMP backend: match the starting thread's.
@@ -288,7 +290,7 @@ class Engine:
                 self._steps += 1
                 self._prefill(events)
                 self._decode(events)
-            except Exception as e:
+            except BaseException as e:  # Ctrl-C too: a step cut short leaves rows half-updated
                 events = self._fail_all(e)
                 raise
             finally:
@@ -298,17 +300,17 @@ class Engine:
                     request._notify()
         return True
 
-    def _fail_all(self, error: Exception) -> list[Request]:
-        """A step failed (e.g. out of memory): every running and queued request ends with the error."""
+    def _fail_all(self, error: BaseException) -> list[Request]:
+        """A step failed (e.g. out of memory) or was interrupted (Ctrl-C): every request in the cache ends, with
+        the error ("error") or as "cancelled"; queued requests wait on in an empty cache."""
+        interrupted = isinstance(error, KeyboardInterrupt)
         with self._cond:
             requests = [r for row in self._rows for r in ([row.request] if row.request else row.group.requests)]
-            requests += [r for g in self._queue for r in g.requests]
             for r in requests:
                 if r.finish_reason is None:
-                    r.error = error
-                    r._finish("error")
+                    r.error = None if interrupted else error
+                    r._finish("cancelled" if interrupted else "error")
             self._rows.clear()
-            self._queue.clear()
             self._decoding = self._reserved = 0
         return requests
 
