@@ -40,7 +40,11 @@ def _native_bf16(device: torch.device) -> bool:
 
 def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None = None) -> nn.Module:
     """`model` in eval mode with its parameters cast to `dtype` (buffers such as the rotary tables keep
-    fp32); with quantize="int8", its Linear layers hold int8 weights with one scale per output row."""
+    fp32); with quantize="int8", its Linear layers hold int8 weights with one scale per output row.
+
+    For inference only: bf16 Linear layers on the CPU keep a copy of their weight packed for oneDNN,
+    so weights changed afterwards (training, load_state_dict) would not reach those products.
+    """
     if quantize not in (None, *QUANTIZATIONS):
         raise CogniError(f"Unknown quantization {quantize!r}; use int8 or leave it unset.")
     model.eval()
