@@ -58,14 +58,14 @@ def build_data(sample: Path, work: Path, vocab: int) -> tuple[Path, Path]:
 
 
 def recipe_config(preset_name: str, recipe: str, steps: int | None, minutes: float | None, overrides: list[str],
-                  out: Path, data_dir: Path, vocab_size: int):
+                  out: Path, data_dir: Path, vocab_size: int, precision: str = "auto"):
     from cogni_mamba.config import apply_overrides, preset, replace
 
     optimizer, schedule, lr = recipe.split(":")[:3]
     cfg = apply_overrides(preset(preset_name), overrides)
     lr = float(lr)
     train = replace(cfg.train, optimizer=optimizer, schedule=schedule, lr=lr, min_lr=lr / 10, max_steps=steps,
-                    max_minutes=minutes, precision="fp32", out_dir=str(out), save_interval=10**9, keep_last=1,
+                    max_minutes=minutes, precision=precision, out_dir=str(out), save_interval=10**9, keep_last=1,
                     eval_interval=max(1, steps // 16) if steps else 25, epochs=1000)
     return replace(cfg, model=replace(cfg.model, vocab_size=vocab_size), train=train,
                    data=replace(cfg.data, data_dirs=[str(data_dir)]))
@@ -85,7 +85,7 @@ def worker(spec: dict) -> None:
     tok = load_tokenizer(spec["tokenizer"])
     out = Path(spec["out"])
     cfg = recipe_config(spec["preset"], spec["recipe"], spec["steps"], spec["minutes"], spec["overrides"], out,
-                        Path(spec["data"]), tok.vocab_size)
+                        Path(spec["data"]), tok.vocab_size, spec["precision"])
     start = time.perf_counter()
     if spec["recipe"].endswith(":auto"):
         from cogni_mamba.plan import apply_plan, plan_for_budget
@@ -179,6 +179,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--parallel", type=int, default=2, help="recipes trained at once, one thread each")
+    p.add_argument("--precision", default="auto", help="auto (bf16 on CPUs with native bf16), bf16 or fp32")
     p.add_argument("--work", default=None, help="folder for data and runs (default: a temp folder)")
     p.add_argument("--sample", default=str(SAMPLE))
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -203,7 +204,7 @@ def main() -> None:
         raise SystemExit("an :auto recipe sizes its model for a time budget; pass --minutes too.")
     steps = None if args.minutes else args.steps
     specs = [{"recipe": r, "preset": args.preset, "steps": steps, "minutes": args.minutes, "overrides": args.overrides,
-              "tokenizer": str(tok_dir), "data": str(data_dir), "threads": 1,
+              "tokenizer": str(tok_dir), "data": str(data_dir), "threads": 1, "precision": args.precision,
               "out": str(work / f"{args.preset}-{r.replace(':', '-')}")} for r in args.recipes]
     results = run_all(specs, args.parallel)
     print("\n".join(["", *report(results)]))

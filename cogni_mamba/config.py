@@ -221,7 +221,7 @@ def _gpt2_sized(name: str, dim: int, n_layers: int, *, lr: float) -> Config:
     return Config(
         preset=name,
         model=ModelConfig(dim=dim, n_layers=n_layers, n_heads=16, n_kv_heads=4, vocab_size=50304, max_seq_len=1024),
-        train=TrainConfig(lr=lr, min_lr=lr / 10, out_dir=f"runs/{name}"),
+        train=TrainConfig(lr=lr, min_lr=round(lr / 10, 12), out_dir=f"runs/{name}"),
         tokenizer="gpt2",
     )
 

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from cogni_mamba.config import (
+    PRESETS,
     Config,
     ConfigError,
     ModelConfig,
@@ -93,8 +94,11 @@ def test_unreadable_config_file(tmp_path):
         load_config(tmp_path / "missing.json")
 
 
-def test_to_dict_is_json_serialisable():
-    json.dumps(to_dict(preset("nano")))
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_survives_a_json_round_trip(name):
+    cfg = preset(name)
+    back = from_dict(json.loads(json.dumps(to_dict(cfg))), Config())
+    assert back == cfg
 
 
 def _cli(*args, cwd=REPO):
