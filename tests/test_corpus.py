@@ -7,6 +7,8 @@ import ast
 import itertools
 import random
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -249,3 +251,11 @@ def test_builtin_source_prepares(tmp_path):
     expected = list(corpus_items(CorpusSpec(size=60_000, seed=4, weights={"stories": 2, "dialogues": 1})))
     assert sum(s["documents"] for s in meta["splits"].values()) == len(expected)
     assert sum(s["text_bytes"] for s in meta["splits"].values()) == sum(len(d.encode()) for _, d in expected)
+
+
+def test_data_does_not_import_the_corpus_until_the_builtin_source_is_used():
+    code = ("import sys; import cogni_mamba.data as d; assert 'cogni_mamba.corpus' not in sys.modules; "
+            "s = d.resolve_source('builtin:size=2k'); assert 'cogni_mamba.corpus' in sys.modules; "
+            "print(s.description)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "builtin:size=2k", out.stderr

@@ -163,14 +163,6 @@ def builtin_source(arg: str | None, options=None):
     return Source(f"builtin:{arg or ''}".rstrip(":"), spec.key(), read, spec.size)
 
 
-def _register() -> None:
-    from ..data.sources import register_source
-
-    register_source("builtin", builtin_source)
-
-
-_register()
-
 __all__ = [
     "DEFAULT_WEIGHTS", "GREETING_WORDS", "KINDS", "CorpusError", "CorpusSpec", "bpe_text", "builtin_source",
     "corpus_documents", "corpus_items", "corpus_vocabulary", "dialogue_text", "generate_dialogue",

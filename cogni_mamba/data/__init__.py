@@ -10,5 +10,3 @@ __all__ = [
     "Source", "SourceError", "SourceOptions", "TokenBatches", "codesearchnet_document", "fixed_batches",
     "prepare", "read_meta", "register_source", "resolve_source",
 ]
-
-from .. import corpus as _corpus  # noqa: E402,F401 - registers the built-in demo corpus as the `builtin` source

@@ -376,5 +376,14 @@ def _files(arg: str | None, options: SourceOptions) -> Source:
     return files_source(arg, options)
 
 
+def _builtin(arg: str | None, options: SourceOptions) -> Source:
+    # The demo corpus imports the data package (for Source and the CodeSearchNet layout), so it is
+    # imported here, when the source is used, never when the data package is: no import cycle.
+    from ..corpus import builtin_source
+
+    return builtin_source(arg, options)
+
+
 register_source("files", _files)
 register_source("hub", _hub)
+register_source("builtin", _builtin)
