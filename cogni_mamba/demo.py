@@ -30,7 +30,7 @@ import torch
 
 from .config import Config, apply_overrides, preset
 from .config import replace as replace_cfg
-from .corpus import CorpusSpec, bpe_text, corpus_items, is_greeting, vocabulary, words_of
+from .corpus import CorpusSpec, bpe_text, corpus_items, vocabulary, words_of
 from .errors import CogniError
 
 # The nano preset, tuned for a few CPU minutes (see the report in docs): smaller batches mean more
@@ -254,16 +254,6 @@ def scripted_chat(chatbot, script=SCRIPT, **settings) -> list[dict[str, str]]:
     return [m for m in chatbot.messages if m["role"] != "system"]
 
 
-def greeting_rate(chatbot, n: int = 10, seed: int = 0, temperature: float = 0.8) -> float:
-    """Share of n sampled replies to "Hello!" (each in a fresh conversation) that open with a greeting."""
-    hits = 0
-    for i in range(n):
-        chatbot.reset()
-        hits += is_greeting(chatbot.chat("Hello!", temperature=temperature, seed=seed + i))
-    chatbot.reset()
-    return hits / n
-
-
 CHECK_ANIMALS = ("fox", "bear", "cat", "dog", "duck", "frog", "owl", "lion", "penguin", "elephant")
 CHECK_NUMBERS = tuple(range(1, 11))
 
@@ -276,11 +266,27 @@ def story_is_about(reply: str, kind: str) -> bool:
     return kind in words_of(body)
 
 
+_SUCCESSOR_CLAIMS = (  # (pattern, group of the number, group of the one said to follow it)
+    (re.compile(r"(\d+) comes after (\d+)", re.I), 2, 1),
+    (re.compile(r"after (\d+) (?:comes|is) (\d+)", re.I), 1, 2),
+    (re.compile(r"(\d+), then (\d+)", re.I), 1, 2),
+    (re.compile(r"one more than (\d+) is (\d+)", re.I), 1, 2),
+)
+
+
 def number_is_right(reply: str, asked: int, expected: int) -> bool:
-    """Whether the first sentence of a reply gives `expected` as its only number besides the one asked about."""
+    """Whether a reply says `expected` follows `asked`: every "X comes after Y" / "after Y comes X" /
+    "Y, then X" claim in it about `asked` names `expected` (and there is one, and none is wrong), and
+    its first sentence names no other number than those two; a reply with no such claim is right when
+    `expected` is the only number of its first sentence besides `asked`."""
     first = reply.strip().split(".")[0]
-    numbers = {int(w) for w in re.findall(r"\d+", first)}
-    return numbers - {asked} == {expected}
+    numbers = {int(w) for w in re.findall(r"\d+", first)} - {asked}
+    claims = [(int(m[a]), int(m[b])) for pattern, a, b in _SUCCESSOR_CLAIMS for m in pattern.finditer(reply)]
+    if claims:
+        about = [succ for of, succ in claims if of == asked]
+        wrong = [(of, succ) for of, succ in claims if succ != of + 1]
+        return bool(about) and all(s == expected for s in about) and not wrong and numbers <= {expected}
+    return numbers == {expected}
 
 
 def chat_checks(chatbot, seed: int = 0, temperature: float = 0.8) -> dict[str, float]:

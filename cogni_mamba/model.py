@@ -104,10 +104,6 @@ class KVCache:
         self.length = 0
         self.pad = None if pad is None or not bool(pad.any()) else pad.to(device=device, dtype=torch.long)
 
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
 

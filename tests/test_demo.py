@@ -53,6 +53,24 @@ def test_build_corpus_reuses_and_rebuilds(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.json", "corpus.jsonl"]  # no temp files left
 
 
+def test_chat_check_scoring_by_hand():
+    from cogni_mamba.demo import number_is_right, story_is_about
+
+    assert story_is_about("Okay! Here is a story about a fox.\n\nOnce there was a fox named Finn.", "fox")
+    assert not story_is_about("Okay! Here is a story about a fox.\n\nOnce there was a bunny named Jake.", "fox")
+    assert story_is_about("Once upon a time, a little fox ran home.", "fox")  # no intro line: the whole reply
+    assert not story_is_about("Once upon a time, a foxglove grew.", "fox")
+    assert number_is_right("After 4 comes 5.", 4, 5)
+    assert number_is_right("5 comes after 4. It is one more.", 4, 5)
+    assert not number_is_right("4 comes after 5.", 4, 5)  # the demo's old answer: the right numbers, wrong way
+    assert number_is_right("4, then 5. 5 comes after 4.", 4, 5)
+    assert not number_is_right("4, then 5. 4 comes after 5.", 4, 5)
+    assert number_is_right("It is 5.", 4, 5)
+    assert not number_is_right("After 4 comes 6.", 4, 5)
+    assert not number_is_right("After 4 comes 5 and 7.", 4, 5)
+    assert not number_is_right("I like numbers.", 4, 5)
+
+
 def test_vocabulary_rate_by_hand():
     assert vocabulary_rate(["Once upon a time, there was a fox."]) == 1.0
     # 8 words, of which "zyzzyva" and "qwerty" are not the grammar's.
@@ -92,6 +110,9 @@ def test_demo_end_to_end(tmp_path):
                  "corpus/corpus.jsonl"):
         assert (out / path).is_file(), path
     assert "=== a short conversation ===" in done.stdout and "you: Hello!" in done.stdout
+    assert "=== does it follow the request?" in done.stdout
+    assert set(numbers["chat_checks"]) == {"story_on_topic", "number_right", "held_out_story_on_topic",
+                                           "held_out_number_right"}
 
     from cogni_mamba.chat import Chatbot
     from cogni_mamba.corpus import is_greeting
