@@ -212,6 +212,30 @@ def test_n_samples_share_one_prefill_and_each_equals_a_separate_greedy_run():
     assert engine.stats().prefill_tokens == len(prompt)
 
 
+def test_prompts_joining_together_are_prefilled_in_one_pass_and_match_their_references():
+    model = byte_model()
+    rng = random.Random(5)
+    prompts = [[rng.randrange(32, 127) for _ in range(n)] for n in (5, 23, 1, 40, 12, 9)]
+    engine = Engine(model, max_batch=9, prefill_chunk=200)
+    calls = []
+    hook = model.tok_embeddings.register_forward_pre_hook(lambda _, args: calls.append(tuple(args[0].shape)))
+    try:
+        one = engine.submit(prompts[0], greedy_settings(1))  # ends at its first token: rows move under the others
+        three = engine.submit_samples(prompts[1], greedy_settings(7), 3)
+        gone = engine.submit(prompts[2], greedy_settings(9))
+        gone.cancel()  # cancelled while queued: never prefilled
+        rest = [engine.submit(p, greedy_settings(8 + i)) for i, p in enumerate(prompts[3:])]
+        engine.step()
+        assert calls[0] == (5, 40)  # the five live prompts in one forward pass, right-padded to the longest
+        assert list(one) == naive_greedy(model, prompts[0], 1)
+        assert all(list(r) == naive_greedy(model, prompts[1], 7) for r in three)
+        for i, (r, p) in enumerate(zip(rest, prompts[3:], strict=True)):
+            assert list(r) == naive_greedy(model, p, 8 + i)
+        assert list(gone) == [] and gone.finish_reason == "cancelled"
+    finally:
+        hook.remove()
+
+
 def test_rows_with_different_settings_share_a_batch():
     model = byte_model()
     prompt = list(b"aaaa bbbb aaaa")

@@ -47,6 +47,18 @@ class SlotCache:
         self.lengths[row] = length
         self.lengths_t[row] = length
 
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange what slots a and b hold."""
+        if a == b:
+            return
+        n = self.lengths[a]
+        k, v = self.k[:, a, :, :n].clone(), self.v[:, a, :, :n].clone()
+        length = self.lengths[a]
+        self.copy_row(b, a)
+        self.k[:, b, :, :n] = k
+        self.v[:, b, :, :n] = v
+        self.set_length(b, length)
+
     def copy_row(self, src: int, dst: int) -> None:
         """Make slot `dst` hold what slot `src` holds (its filled part only)."""
         if src == dst:

@@ -35,6 +35,7 @@ from ..generate import fit_prompt, make_generator, process_logits
 from .cache import SlotCache
 
 DEFAULT_PREFILL_CHUNK = 256
+PREFILL_LOGITS = 2**24  # logits (rows x width x vocab) a batched prefill may make at once: 64 MiB in fp32
 
 
 class EngineBusy(CogniError):
@@ -334,19 +335,53 @@ class Engine:
                 self._reserved += len(live) - 1
 
     def _prefill(self, events: list[Request]) -> None:
+        """Run up to `prefill_chunk` prompt tokens of the joining rows, several rows in one forward pass."""
         budget = self.prefill_chunk
         while budget > 0 and self._decoding < len(self._rows):
-            i = self._decoding
+            batch = self._prefill_batch(budget)
+            start = self._decoding
+            chunks = [group.prompt[group.done: group.done + size] for group, size in batch]
+            width = max(len(c) for c in chunks)
+            ids = torch.tensor([c + [0] * (width - len(c)) for c in chunks], dtype=torch.long, device=self.device)
+            view = self.cache.view(start, start + len(batch))
+            if len(batch) == 1:
+                last = self.model(ids, cache=view, last_only=True)[:, -1]  # (1, V)
+            else:  # rows right-padded to one width: keep each row's last real position, then its true length
+                lengths = [self.cache.lengths[start + k] for k in range(len(batch))]
+                logits = self.model(ids, cache=view)  # (B, width, V)
+                last = logits[torch.arange(len(batch)), torch.tensor([len(c) - 1 for c in chunks])]
+                for k, c in enumerate(chunks):
+                    self.cache.set_length(start + k, lengths[k] + len(c))
+            finished = []
+            for k, (group, size) in enumerate(batch):
+                group.done += size
+                budget -= size
+                self._prefilled += size
+                if group.done == len(group.prompt):
+                    finished.append((self._rows[start + k], last[k]))
+            for row, logits_row in finished:  # rows may move as others start or end: find each again
+                i = next(k for k, r in enumerate(self._rows) if r is row)
+                if i != self._decoding:
+                    self.cache.swap_rows(i, self._decoding)
+                    self._rows[i], self._rows[self._decoding] = self._rows[self._decoding], self._rows[i]
+                self._start_decoding(self._decoding, row.group, logits_row, events)
+
+    def _prefill_batch(self, budget: int) -> list[tuple[_Group, int]]:
+        """The joining rows (from the first prefilling one on) that share this forward pass, and how many
+        prompt tokens each adds: within the budget, the cache rows' room and a bound on the logits' size."""
+        batch: list[tuple[_Group, int]] = []
+        width = top = 0
+        for i in range(self._decoding, len(self._rows)):
             group = self._rows[i].group
-            chunk = group.prompt[group.done: group.done + budget]
-            ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-            logits = self.model(ids, cache=self.cache.view(i, i + 1), last_only=True)[0, -1]  # (V,)
-            group.done += len(chunk)
-            budget -= len(chunk)
-            self._prefilled += len(chunk)
-            if group.done < len(group.prompt):
-                return  # the budget is spent
-            self._start_decoding(i, group, logits, events)
+            size = min(budget, len(group.prompt) - group.done)
+            w, t = max(width, size), max(top, self.cache.lengths[i])
+            if batch and (t + w > self.max_len or (len(batch) + 1) * w * self.vocab_size > PREFILL_LOGITS):
+                break
+            batch.append((group, size))
+            width, top, budget = w, t, budget - size
+            if budget == 0:
+                break
+        return batch
 
     def _start_decoding(self, i: int, group: _Group, logits: torch.Tensor, events: list[Request]) -> None:
         """A prompt is in the cache: its row (and a copy per further sample) starts decoding."""
