@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from .config import Config, apply_overrides, preset
 from .config import replace as replace_cfg
 from .corpus import CorpusSpec, bpe_text, corpus_items, vocabulary, words_of
 from .errors import CogniError
+from .files import write_file_atomically, write_text_atomically
 
 # The nano preset, tuned for a few CPU minutes (see the report in docs): smaller batches mean more
 # optimizer steps in the budget, which matters more than batch size this early in training.
@@ -88,17 +88,6 @@ Say = Callable[[str], None]
 
 # --- 1. corpus ----------------------------------------------------------------------------------
 
-def _write_atomic(path: Path, write: Callable[[object], None]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def build_corpus(folder: Path, spec: CorpusSpec, say: Say) -> Path:
     """<folder>/corpus.jsonl with one {"kind", "text"} per document; reused when the spec is unchanged."""
     path, meta_path = folder / "corpus.jsonl", folder / "corpus.json"
@@ -110,13 +99,14 @@ def build_corpus(folder: Path, spec: CorpusSpec, say: Say) -> Path:
     meta_path.unlink(missing_ok=True)  # the meta is written last, so a half-built corpus is never reused
     counts: dict[str, int] = {}
 
-    def write(f) -> None:
-        for kind, text in corpus_items(spec):
-            f.write(json.dumps({"kind": kind, "text": text}) + "\n")
-            counts[kind] = counts.get(kind, 0) + 1
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for kind, text in corpus_items(spec):
+                f.write(json.dumps({"kind": kind, "text": text}) + "\n")
+                counts[kind] = counts.get(kind, 0) + 1
 
-    _write_atomic(path, write)
-    _write_atomic(meta_path, lambda f: f.write(json.dumps(meta)))
+    write_file_atomically(path, write)
+    write_text_atomically(meta_path, json.dumps(meta))
     say(f"corpus: {path.stat().st_size / 1e6:.1f} MB, " + ", ".join(f"{n:,} {k}" for k, n in sorted(counts.items())))
     return path
 
@@ -141,7 +131,7 @@ def build_tokenizer(corpus: Path, folder: Path, vocab_size: int, say: Say, progr
     stamp_path.unlink(missing_ok=True)
     tok = train_bpe([bpe_text(d) for d in read_corpus(corpus)], vocab_size, folder, progress=progress)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(stamp_path, lambda f: f.write(json.dumps(stamp)))
+    write_text_atomically(stamp_path, json.dumps(stamp))
     report = tok.train_report or {}
     say(f"tokenizer: {tok.real_vocab_size:,} tokens, {report.get('bytes_per_token', float('nan')):.2f} bytes/token "
         f"on held-out text -> {folder}")
@@ -368,7 +358,7 @@ def run_demo(options: DemoOptions, say: Say = print) -> tuple[DemoReport, object
         cfg, numbers = train_model(cfg, tokenizer, budget, say, options.progress, options.force)
         numbers["build_seconds"] = build_s
         if numbers.pop("stopped") != "signal":  # a run cut short by Ctrl-C is trained again next time
-            _write_atomic(report_path, lambda f: f.write(json.dumps(numbers, indent=2)))
+            write_text_atomically(report_path, json.dumps(numbers, indent=2))
     model, tokenizer, run_cfg = load_checkpoint_full(out / "run")
     report = DemoReport(**{k: numbers[k] for k in ("initial_val_loss", "final_val_loss", "steps", "tokens_seen",
                                                   "train_seconds", "build_seconds")}, reused=reused)

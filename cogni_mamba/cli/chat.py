@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
 from ..errors import CogniError
+from ..files import write_text_atomically
 from .generate import add_sampling_args, sampling_overrides
 
 HELP = """\
@@ -106,12 +105,9 @@ def save_conversation(bot, path: str) -> int:
     if not target.parent.is_dir():
         raise CogniError(f"Cannot save to {path}: folder {target.parent} does not exist; create it or pick another path.")
     data = {"system_prompt": bot.system_prompt, "messages": bot.messages, "settings": to_dict(bot.settings)}
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
+        write_text_atomically(target, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CogniError(f"Cannot save to {path} ({e.strerror}); pick another path.") from None
     return len(data["messages"])
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CogniError
+from ..files import write_text_atomically
 from ..integrity import IntegrityError, seal_text, sha256_file, unseal, verification_enabled
 from .sources import ReadStats, Source, SourceOptions, resolve_source
 
@@ -192,12 +193,6 @@ def _check_existing(out: Path, fingerprint: str, digest: str, force: bool) -> di
     return meta if (meta.get("input_hash") == digest and complete and not force) else None
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(seal_text(obj, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def prepare(sources: list[Source | str], tokenizer, out_dir: str | os.PathLike, *, val_fraction: float = 0.005,
             seed: int = 1337, force: bool = False, progress: bool = True, chunk_bytes: int = 1 << 21) -> dict:
     """Tokenize the sources into out_dir/{train,val}.bin + meta.json; returns the meta (skips if up to date)."""
@@ -239,7 +234,7 @@ def prepare(sources: list[Source | str], tokenizer, out_dir: str | os.PathLike, 
         for s in SPLITS:
             os.replace(tmp[s], out / f"{s}.bin")
         meta["sha256"] = {f"{s}.bin": sha256_file(out / f"{s}.bin") for s in SPLITS}
-        _write_json_atomic(out / "meta.json", meta)
+        write_text_atomically(out / "meta.json", seal_text(meta, indent=2))
     except BaseException:  # also Ctrl-C: never leave temp files or a new empty folder behind
         for path in tmp.values():
             path.unlink(missing_ok=True)

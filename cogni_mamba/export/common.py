@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,34 +65,3 @@ def check_target(out: Path, force: bool) -> None:
         raise ExportError(f"{out} already exists; choose another --out or pass --force to replace it.")
 
 
-def write_dir_atomically(out: Path, fill: Callable[[Path], None]) -> Path:
-    """Call fill(tmp) on a hidden temp folder beside `out`, then swap it into place (never half-written)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        old = None
-        if out.exists():
-            old = out.parent / f".old-{out.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def write_file_atomically(out: Path, fill: Callable[[Path], None]) -> Path:
-    """Call fill(tmp_path) on a temp file beside `out`, then rename it to `out`."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        fill(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return out

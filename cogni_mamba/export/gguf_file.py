@@ -23,13 +23,8 @@ import torch
 
 from ..checkpoint import unwrap
 from ..config import Config, ModelConfig
-from .common import (
-    ExportError,
-    chat_template_jinja,
-    check_target,
-    half_split_to_interleaved,
-    write_file_atomically,
-)
+from ..files import write_file_atomically
+from .common import ExportError, chat_template_jinja, check_target, half_split_to_interleaved
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
 LAYER_NAMES = {

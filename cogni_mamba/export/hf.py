@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 
 from ..checkpoint import unwrap
 from ..config import Config, ModelConfig
+from ..files import write_dir_atomically
 from ..tokenizer.specials import END_TOKEN, EOS_TOKEN, PAD_TOKEN, ROLE_TOKENS
-from .common import ExportError, chat_template_jinja, check_target, write_dir_atomically
+from .common import ExportError, chat_template_jinja, check_target
 
 # Our parameter name -> HF's, per layer ({i} is the layer index) and for the rest of the model.
 LAYER_KEYS = {

@@ -14,14 +14,13 @@ line is one CogniError.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import CogniError
+from ..files import write_file_atomically
 from ..tokenizer.specials import check_messages
 
 CHAT_FORMAT_HELP = """\
@@ -117,19 +116,14 @@ def read_chat_file(path: str | Path) -> ChatFile:
 
 def write_chat_file(conversations: Iterable[Sequence[Message]], path: str | Path) -> int:
     """Write conversations as {"messages": [...]} lines via a temp file; returns how many were written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     n = 0
-    try:
+
+    def fill(tmp: Path) -> None:
+        nonlocal n
         with open(tmp, "w", encoding="utf-8") as f:
             for messages in conversations:
                 f.write(json.dumps({"messages": list(messages)}, ensure_ascii=False) + "\n")
                 n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    write_file_atomically(Path(path), fill)
     return n

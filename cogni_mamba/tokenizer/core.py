@@ -10,7 +10,6 @@ import codecs
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -20,6 +19,7 @@ from tokenizers import AddedToken, decoders, models
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import CogniError
+from ..files import write_text_atomically
 from .specials import (
     END_TOKEN,
     EOS_TOKEN,
@@ -59,17 +59,6 @@ def special_added_tokens() -> list[AddedToken]:
             for t in SPECIAL_TOKENS]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path through a temp file and a rename, so a crash never leaves a half file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class StreamDecoder:
@@ -216,8 +205,8 @@ class Tokenizer:
         except OSError as e:
             raise CogniError(f"Cannot create the tokenizer directory {d} ({e.strerror}); choose a writable path.") \
                 from None
-        atomic_write_text(d / "tokenizer.json", self._hf.to_str(pretty=True) + "\n")
-        atomic_write_text(d / SIDECAR, json.dumps(self.metadata(), indent=2, sort_keys=True) + "\n")
+        write_text_atomically(d / "tokenizer.json", self._hf.to_str(pretty=True) + "\n")
+        write_text_atomically(d / SIDECAR, json.dumps(self.metadata(), indent=2, sort_keys=True) + "\n")
         return d
 
 

@@ -16,7 +16,6 @@ import os
 import pickle
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +43,7 @@ from ..checkpoint import (  # noqa: F401  (the reading side, re-exported for tra
     verify_checkpoint,
 )
 from ..config import Config, to_dict
+from ..files import write_dir_atomically, write_text_atomically
 from ..integrity import seal_text, tree_digests
 from .distributed import is_sharded, load_full_model_state, tied_names, unwrap
 
@@ -51,24 +51,6 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 # --- writing ------------------------------------------------------------------------------------
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or a directory entry list) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; the rename still orders writes
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            _fsync(Path(dirpath) / name)
-        _fsync(Path(dirpath))
-
 
 def weights_for_saving(model: nn.Module, state: dict[str, torch.Tensor] | None = None
                        ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -84,27 +66,9 @@ def weights_for_saving(model: nn.Module, state: dict[str, torch.Tensor] | None =
     return kept, aliases
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished temp dir to `final`, replacing an existing directory of that name."""
-    trash = None
-    if final.exists():
-        trash = final.parent / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
-        os.replace(final, trash)
-    os.replace(tmp, final)
-    _fsync(final.parent)
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
 def write_pointer(run_dir: Path, name: str, pointer: str = LATEST) -> None:
     """Atomically make the text file `run_dir/pointer` name the checkpoint directory `name`."""
-    tmp = run_dir / f".{pointer}.{uuid.uuid4().hex[:8]}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, run_dir / pointer)
-    _fsync(run_dir)
+    write_text_atomically(run_dir / pointer, name + "\n")
 
 
 def save_checkpoint(run_dir: str | Path, name: str, model: nn.Module, config: Config, *, tokenizer: Any = None,
@@ -115,10 +79,8 @@ def save_checkpoint(run_dir: str | Path, name: str, model: nn.Module, config: Co
     `weights` replaces `model.state_dict()` (an FSDP model's full weights, gathered beforehand).
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+
+    def fill(tmp: Path) -> None:
         tensors, aliases = weights_for_saving(model, weights)
         try:
             save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "aliases": json.dumps(aliases)})
@@ -134,16 +96,10 @@ def save_checkpoint(run_dir: str | Path, name: str, model: nn.Module, config: Co
                 if "writ" not in str(e):
                     raise
                 raise _write_error(e, tmp / TRAIN_STATE) from None
-        _fsync_tree(tmp)
         marker = {"format": 1, **(info or {}), "sha256": tree_digests(tmp)}
         (tmp / MARKER).write_text(seal_text(marker), encoding="utf-8")
-        _fsync(tmp / MARKER)
-        _fsync(tmp)
-        final = run_dir / name
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    final = write_dir_atomically(run_dir / name, fill)  # fsynced, then renamed into place
     if update_latest:
         write_pointer(run_dir, name)
     return final
@@ -163,7 +119,6 @@ def link_checkpoint(run_dir: str | Path, src: str, dst: str) -> Path:
     links are not possible the files are copied.
     """
     run_dir = Path(run_dir)
-    tmp = run_dir / f".tmp-{dst}-{uuid.uuid4().hex[:8]}"
 
     def link_or_copy(a: str, b: str) -> None:
         try:
@@ -171,13 +126,8 @@ def link_checkpoint(run_dir: str | Path, src: str, dst: str) -> Path:
         except OSError:
             shutil.copy2(a, b)
 
-    try:
-        shutil.copytree(run_dir / src, tmp, copy_function=link_or_copy)
-        _fsync_tree(tmp)
-        _replace_dir(tmp, run_dir / dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_dir_atomically(run_dir / dst, lambda tmp: shutil.copytree(run_dir / src, tmp, copy_function=link_or_copy,
+                                                                      dirs_exist_ok=True))
     return run_dir / dst
 
 
@@ -198,8 +148,8 @@ def remove_stale_temps(run_dir: str | Path) -> None:
     if not run_dir.is_dir():
         return
     for p in run_dir.iterdir():
-        if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+        if p.name.startswith((".tmp-", ".old-")):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 # --- reading ------------------------------------------------------------------------------------

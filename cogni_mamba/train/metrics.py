@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import CogniError
+from ..files import write_file_atomically, write_text_atomically
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s, no sparsity) from NVIDIA's datasheets, by the part's name.
 # The first key found in the device name wins, so the specific variants come before the family.
@@ -66,11 +66,7 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """Drop lines of steps after `step` (written by a run that died after its last checkpoint)."""
         records = [r for r in self.read() if int(r.get("step", 0)) <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, self.path)
+        write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in records))
         self.train.clear()
         self.val.clear()
         for r in records:
@@ -142,13 +138,9 @@ def plot_losses(train: list[tuple[int, float]], val: list[tuple[int, float]], pa
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(".tmp-" + path.name)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
+        write_file_atomically(Path(path), lambda tmp: fig.savefig(tmp, format="png"), fsync=False)
     except OSError:  # disk full: keep the previous plot; metrics.jsonl has the numbers
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        pass
     finally:
         plt.close(fig)
