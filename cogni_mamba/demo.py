@@ -184,13 +184,6 @@ def seconds_per_step(model, batch: tuple[torch.Tensor, torch.Tensor], cfg: Confi
     return min(times[1:])
 
 
-def plan_steps(budget_s: float, step_s: float, cfg: Config) -> int:
-    """Optimizer steps that fit the budget, counting each evaluation (forward only: ~1/3 of a step each)."""
-    eval_s = cfg.train.eval_batches / 3 * step_s / cfg.train.grad_accum
-    per_step = step_s + eval_s / cfg.train.eval_interval
-    return max(1, int(budget_s / per_step))
-
-
 def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: bool, force: bool = False
                 ) -> tuple[Config, dict]:
     """Train the nano model on the shards for `budget_s` seconds; returns the config used and the numbers."""
@@ -198,6 +191,7 @@ def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: boo
     from .model import CogniMamba
     from .train import Trainer
     from .train.distributed import pick_device
+    from .train.trainer import steps_in_budget
 
     torch.manual_seed(cfg.train.seed)
     device = pick_device(None)
@@ -208,7 +202,7 @@ def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: boo
     val = fixed_batches(dirs, T, B, cfg.train.eval_batches)
     step_s = seconds_per_step(model, val[0], cfg, device)
     # An explicit train.max_steps (e.g. a test that wants the same model on any machine) wins over the plan.
-    steps = cfg.train.max_steps or plan_steps(budget_s, step_s, cfg)
+    steps = cfg.train.max_steps or steps_in_budget(budget_s, step_s, cfg.train)
     cfg = replace_cfg(cfg, model=model_cfg, train=replace_cfg(cfg.train, max_steps=steps, max_minutes=budget_s / 60))
     say(f"training: {model.num_parameters() / 1e6:.1f}M parameters on {device.type}, {B} x {T} tokens per step, "
         f"{step_s:.2f} s/step -> {steps} steps in at most {budget_s / 60:.1f} min")

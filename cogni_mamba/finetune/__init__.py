@@ -12,7 +12,7 @@ from .chat_data import (
     read_chat_file,
     write_chat_file,
 )
-from .evaluate import exact_match_rate, greedy_replies
+from .exact_match import exact_match_rate, greedy_replies
 from .runner import FinetunePlan, plan_finetune, run_finetune, sft_defaults
 from .sft import (
     ChatBatches,

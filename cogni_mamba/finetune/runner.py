@@ -23,7 +23,7 @@ from .sft import (
     EncodeStats,
     add_system_prompt,
     encode_conversations,
-    fixed_batches,
+    padded_eval_batches,
     split_train_val,
 )
 
@@ -149,7 +149,7 @@ def plan_finetune(checkpoint: str | Path, data: str | Path, *, out_dir: str | Pa
     dist = current()
     batches = ChatBatches(train_examples, cfg.train.batch_size, tokenizer.pad_id, seed=cfg.data.seed,
                           rank=dist.rank, world_size=dist.world_size)
-    val_batches = fixed_batches(val_examples, cfg.train.batch_size, tokenizer.pad_id)
+    val_batches = padded_eval_batches(val_examples, cfg.train.batch_size, tokenizer.pad_id)
     model = CogniMamba(cfg.model)
     ckpt.load_weights(model, source)  # weights only: the optimizer and schedule start anew
     trainer = Trainer(model, batches, val_batches, cfg.train, config=cfg, tokenizer=tokenizer, out_dir=out,

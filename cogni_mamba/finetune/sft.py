@@ -146,7 +146,7 @@ def split_train_val(items: Sequence[Any], val_fraction: float, seed: int) -> tup
     return train, val
 
 
-def fixed_batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def padded_eval_batches(examples: Sequence[Example], batch_size: int, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The examples in order, as padded batches (for validation)."""
     return [collate(examples[i: i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
 

@@ -103,7 +103,7 @@ def oom_advice(shape: tuple[int, ...] | None, cfg: TrainConfig, precision: str, 
     return f"Out of memory while training on {where}: " + ", ".join(fixes) + "."
 
 
-def plan_steps(cfg: TrainConfig, batches: Any) -> tuple[int, int | None]:
+def schedule_length(cfg: TrainConfig, batches: Any) -> tuple[int, int | None]:
     """(total optimizer steps, steps per epoch or None) from the step budget or the epoch count."""
     per_epoch = getattr(batches, "batches_per_epoch", None)
     steps_per_epoch = max(1, int(per_epoch) // cfg.grad_accum) if per_epoch else None
@@ -119,6 +119,14 @@ def eager() -> contextlib.AbstractContextManager:
     """Within it, torch.compile'd code runs eagerly (no compilation); torch < 2.6 lacks the switch."""
     set_stance = getattr(torch.compiler, "set_stance", None)
     return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
+
+
+def steps_in_budget(budget_s: float, step_s: float, cfg: TrainConfig) -> int:
+    """Optimizer steps that fit a time budget at `step_s` seconds a step, counting each evaluation
+    (forward only: ~1/3 of a step per batch). The first plan; `fit_to_budget` corrects it as the run goes."""
+    eval_s = cfg.eval_batches / 3 * step_s / cfg.grad_accum
+    per_step = step_s + eval_s / cfg.eval_interval
+    return max(1, int(budget_s / per_step))
 
 
 def fit_to_budget(step: int, steps_taken: int, elapsed_s: float, budget_s: float, planned: int) -> int:
@@ -170,7 +178,7 @@ class Trainer:
         self.config = config or Config(model=self.raw_model.config, train=cfg)
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir or cfg.out_dir)
-        self.total_steps, self.steps_per_epoch = plan_steps(cfg, train_batches)
+        self.total_steps, self.steps_per_epoch = schedule_length(cfg, train_batches)
         self.progress = progress and self.dist.is_main
         self._log = log
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
