@@ -271,24 +271,20 @@ def test_a_full_queue_raises_engine_busy():
 
 
 def test_cancel_frees_the_slot_within_one_step_and_a_queued_request_takes_it():
+    # Driven step by step (no background thread), so "within one step" is exact, not a timing guess.
     model = byte_model()
-    engine = Engine(model, max_batch=1, max_queue=4).start()
-    try:
-        running = engine.submit(list(b"go"), greedy_settings(CONTEXT - 10))
-        waiting = engine.submit(list(b"next"), greedy_settings(8))
-        assert next(running) is not None
-        assert engine.stats().queued == 1
-        at_cancel = engine.stats().steps
-        running.cancel()
-        assert running.finish_reason == "cancelled" and list(running) == []
-        deadline = time.time() + 30
-        while engine.stats().completed_requests < 1 and time.time() < deadline:
-            time.sleep(0.001)
-        # the step under way when it was cancelled, or the next one, dropped it
-        assert engine.stats().completed_requests == 1 and engine.stats().steps <= at_cancel + 2
-        assert list(waiting) == naive_greedy(model, list(b"next"), 8)
-    finally:
-        engine.stop()
+    engine = Engine(model, max_batch=1, max_queue=4)
+    running = engine.submit(list(b"go"), greedy_settings(CONTEXT - 10))
+    waiting = engine.submit(list(b"next"), greedy_settings(8))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats().active == 1 and engine.stats().queued == 1
+    running.cancel()
+    assert running.finish_reason == "cancelled"
+    engine.step()  # the next step drops the cancelled row and admits the queued request into its slot
+    stats = engine.stats()
+    assert stats.completed_requests == 1 and stats.queued == 0 and stats.active == 1
+    assert list(waiting) == naive_greedy(model, list(b"next"), 8)
     assert engine.stats().active == 0
 
 
@@ -458,3 +454,21 @@ def test_text_stream_work_is_linear_in_the_reply_length():
 
     timed(1000)
     assert timed(20000) < 60 * timed(1000)
+
+
+@pytest.mark.parametrize("where", ["middle", "last character"])
+def test_a_stop_string_in_tokens_made_before_the_reader_sees_them_still_ends_with_stop(where):
+    # The engine can run a request to its length before the reader decodes the tokens; the reply the
+    # reader gets ends on the stop string, so its finish reason must be "stop" either way.
+    model = byte_model()
+    prompt, n = list(b"Once"), 12
+    text = text_of(naive_greedy(model, prompt, n))
+    stop = text[5:7] if where == "middle" else text[-2:]
+    assert stop and text.find(stop) >= 0
+    engine = Engine(model, max_batch=2)
+    request = engine.submit(prompt, greedy_settings(n))
+    while engine.step():
+        pass
+    assert request.finish_reason == "length"  # made in full before anyone read it
+    got = "".join(stream_text(request, SimpleTokenizer().stream_decoder(), [stop]))
+    assert got == text[:text.find(stop)] and request.finish_reason == "stop"

@@ -218,6 +218,10 @@ class Engine:
     def _cancel(self, request: Request, reason: str) -> None:
         with self._cond:
             if request.finish_reason is not None and request._cancel is None:
+                if reason == "stop" and request.finish_reason == "length":
+                    # the text layer found a stop string in tokens made before the request ran out:
+                    # the reply the client gets ends on that stop string, whichever came first
+                    request.finish_reason = "stop"
                 return  # finished already
             request._cancel = request._cancel or reason
             request._ready.clear()

@@ -89,6 +89,8 @@ def stream_text(request: Any, decoder: Any, stop_strings: Iterable[str] = ()) ->
                 request.cancel(reason="stop")
                 return
         tail = text.flush()
+        if text.stopped:  # a stop string completed by the last, flushed character
+            request.cancel(reason="stop")
         if tail:
             yield tail
     finally:

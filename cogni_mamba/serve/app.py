@@ -153,6 +153,8 @@ async def _pieces(state: ServerState, job: Job, wake: asyncio.Event) -> AsyncIte
                     log.error("generation failed: %s", request.error)
                     raise request.error
                 tail = text.flush()
+                if text.stopped:  # a stop string completed by the last, flushed character
+                    request.cancel(reason="stop")
                 if tail:
                     yield tail
                 return
