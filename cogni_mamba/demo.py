@@ -35,7 +35,7 @@ from .files import write_file_atomically, write_text_atomically
 
 # The nano preset, tuned for a few CPU minutes (see the report in docs): smaller batches mean more
 # optimizer steps in the budget, which matters more than batch size this early in training.
-DEMO_OVERRIDES = ("train.batch_size=8", "train.lr=3e-3", "train.min_lr=3e-4", "train.warmup_steps=20",
+DEMO_OVERRIDES = ("train.batch_size=8", "train.warmup_steps=20",
                   "train.eval_interval=50", "train.eval_batches=8", "train.save_interval=100000",
                   "train.keep_last=1", "generation.max_new_tokens=200", "generation.temperature=0.8")
 DEFAULT_CORPUS_SIZE = 3_000_000
@@ -53,6 +53,7 @@ class DemoOptions:
     seed: int = 0
     retrain: bool = False
     force: bool = False  # pre-flight refusals become warnings
+    auto_size: bool = True  # the model size `cogni-mamba plan` picks for the budget (False: the nano preset)
     corpus_size: int = DEFAULT_CORPUS_SIZE
     overrides: list[str] = field(default_factory=list)  # extra --set section.field=value
     progress: bool = True
@@ -184,18 +185,28 @@ def seconds_per_step(model, batch: tuple[torch.Tensor, torch.Tensor], cfg: Confi
     return min(times[1:])
 
 
-def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: bool, force: bool = False
-                ) -> tuple[Config, dict]:
-    """Train the nano model on the shards for `budget_s` seconds; returns the config used and the numbers."""
+def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: bool, force: bool = False,
+                auto_size: bool = False) -> tuple[Config, dict]:
+    """Train on the shards for `budget_s` seconds (the nano preset, or with `auto_size` the size
+    `cogni-mamba plan` picks for the budget on this machine); returns the config used and the numbers."""
     from .data import TokenBatches, fixed_batches
     from .model import CogniMamba
     from .train import Trainer
     from .train.distributed import pick_device
     from .train.trainer import steps_in_budget
 
-    torch.manual_seed(cfg.train.seed)
     device = pick_device(None)
-    model_cfg = replace_cfg(cfg.model, vocab_size=tokenizer.vocab_size)
+    cfg = replace_cfg(cfg, model=replace_cfg(cfg.model, vocab_size=tokenizer.vocab_size))
+    if auto_size and not cfg.train.max_steps:
+        from .plan import apply_plan, plan_for_budget
+
+        start = time.time()
+        plan = plan_for_budget(budget_s / 60, cfg, device, seconds_each=2.0)
+        say(plan.describe())
+        cfg = apply_plan(cfg, plan)
+        budget_s -= time.time() - start
+    torch.manual_seed(cfg.train.seed)
+    model_cfg = cfg.model
     model = CogniMamba(model_cfg)
     dirs, T, B = cfg.data.data_dirs, cfg.data.seq_len, cfg.train.batch_size
     batches = TokenBatches(dirs, T, B, seed=cfg.data.seed)
@@ -349,7 +360,7 @@ def run_demo(options: DemoOptions, say: Say = print) -> tuple[DemoReport, object
         if budget < 10:
             raise CogniError(f"Building took {build_s:.0f} s of the {options.minutes:g}-minute budget, leaving too "
                              "little to train; pass a larger --minutes (the build is reused next time).")
-        cfg, numbers = train_model(cfg, tokenizer, budget, say, options.progress, options.force)
+        cfg, numbers = train_model(cfg, tokenizer, budget, say, options.progress, options.force, options.auto_size)
         numbers["build_seconds"] = build_s
         if numbers.pop("stopped") != "signal":  # a run cut short by Ctrl-C is trained again next time
             write_text_atomically(report_path, json.dumps(numbers, indent=2))

@@ -30,6 +30,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--corpus-size", default="3M", metavar="CHARS",
                    help="built-in corpus size in characters, e.g. 500k or 3M (default 3M)")
     p.add_argument("--retrain", action="store_true", help="train again even if the run folder has a checkpoint")
+    p.add_argument("--fixed-nano", action="store_true",
+                   help="train the nano preset instead of the size `cogni-mamba plan` picks for the budget here")
     p.add_argument("--force", action="store_true",
                    help="start even when the pre-flight check finds too little free disk or memory (warns instead)")
     p.add_argument("--no-chat", action="store_true", help="do not open the interactive chat at the end")
@@ -62,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     from ..demo import DemoOptions, report_dict, run_demo
 
     options = DemoOptions(minutes=args.minutes, out=args.out, seed=args.seed, retrain=args.retrain, force=args.force,
+                          auto_size=not args.fixed_nano,
                           corpus_size=parse_size(args.corpus_size), overrides=list(args.overrides))
     start = time.time()
     report, chatbot = run_demo(options, say=lambda s: print(s, flush=True))
