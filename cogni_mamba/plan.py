@@ -91,7 +91,7 @@ class Plan:
 
     def describe(self) -> str:
         c = self.chosen
-        lines = [f"plan for {self.minutes:g} minutes on {self.device} ({self.precision}, batch {self.batch_size} x "
+        lines = [f"plan for {self.minutes:.3g} minutes on {self.device} ({self.precision}, batch {self.batch_size} x "
                  f"{self.seq_len}; {self.measure_seconds:.0f} s spent measuring):",
                  "  depth   params   tokens/s   tokens in budget   tokens/param   fit L(N,D)   memory"]
         for x in self.candidates:

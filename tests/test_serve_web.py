@@ -94,3 +94,38 @@ def test_web_chat_streams_a_reply_uses_the_controls_and_resets(page, tiny):
     assert page.locator(".msg").count() == 0
     fresh = send(page, follow_up)
     assert fresh == naive_greedy_text(tiny.model, chat_ids(tiny.specials, [messages[0], history[-1]]), N_TOKENS)
+
+
+@pytest.mark.slow
+def test_web_chat_leaves_out_the_oldest_turns_when_the_context_is_full(page, tiny):
+    import json
+    import time
+
+    from tests.test_serve_fixtures import CONTEXT
+
+    page.click("#reset")
+    page.fill("#system", "")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "16")
+    first = "Hi!"
+    reply = send(page, first)
+    bodies: list[dict] = []
+    page.on("request", lambda r: bodies.append(json.loads(r.post_data))
+            if r.url.endswith("/v1/chat/completions") else None)
+    # Ask for so many tokens that the first exchange no longer fits beside the new message: the page
+    # must retry without it instead of showing the server's context error.
+    second = "And then?"
+    room = CONTEXT - len(chat_ids(tiny.specials, [{"role": "user", "content": second}]))
+    page.fill("#max-tokens", str(room))
+    page.fill("#input", second)
+    page.press("#input", "Enter")
+    deadline = time.time() + 60
+    while len(bodies) < 2 and time.time() < deadline:
+        page.wait_for_timeout(50)
+    page.click("#stop")  # the long reply itself is not the point
+    assert [b["messages"] for b in bodies] == [
+        [{"role": "user", "content": first}, {"role": "assistant", "content": reply},
+         {"role": "user", "content": second}],
+        [{"role": "user", "content": second}],
+    ]
+    assert page.locator(".msg.error").count() == 0
