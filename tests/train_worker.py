@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
 
-    from cogni_mamba.train.distributed import init_distributed, pick_device, shutdown
+    from cogni_mamba.train.distributed import exit_worker, init_distributed, pick_device, shutdown
     from cogni_mamba.train.trainer import Trainer
 
     device = pick_device(a.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     result = trainer.train()
     print(result.summary(), flush=True)
     shutdown(info)
+    exit_worker(info)
     return 0
 
 

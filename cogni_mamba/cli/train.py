@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import CogniError
     from ..model import CogniMamba
     from ..train import Trainer
-    from ..train.distributed import init_distributed, pick_device, shutdown
+    from ..train.distributed import exit_worker, init_distributed, pick_device, shutdown
 
     cfg = _config(args)
     if not cfg.data.data_dirs:
@@ -165,4 +165,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"chat with it: cogni-mamba chat --checkpoint {out}")
     finally:
         shutdown(info)
+    exit_worker(info)  # under torchrun: see its docstring
     return 0
