@@ -477,9 +477,9 @@ class Trainer:
         start, first_step = time.time(), self.step
         budget_s = 60 * self.cfg.max_minutes if self.cfg.max_minutes is not None else None
         stopped = "finished"
+        self._preflight()  # before the progress bar, so a refusal is the only thing printed
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not self.progress)
-        self._preflight()
         trackers = (Trackers(self.cfg.log_to, self.out_dir, to_dict(self.config))
                     if self.dist.is_main and self.cfg.log_to else None)
         self.metrics.sinks = [trackers] if trackers else []
