@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checkpoint import unwrap  # noqa: F401  (the one unwrap; train code imports it from here too)
 from ..errors import CogniError
 
 
@@ -289,14 +290,3 @@ def exit_worker(info: DistInfo, code: int = 0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under DDP and/or torch.compile wrappers (their prefixes never reach a checkpoint)."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
