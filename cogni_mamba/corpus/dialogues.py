@@ -23,7 +23,8 @@ import random
 from collections.abc import Callable, Iterator
 from itertools import pairwise
 
-from ..tokenizer.specials import EOS_TOKEN, render_chat_text
+from ..tokenizer.chat_template import render_chat_text
+from ..tokenizer.specials import EOS_TOKEN
 from . import story_grammar as g
 from .stories import Slots, fill, generate_story, words_of
 

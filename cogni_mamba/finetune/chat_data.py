@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import CogniError
 from ..files import write_file_atomically
-from ..tokenizer.specials import check_messages
+from ..tokenizer.chat_template import check_messages
 
 CHAT_FORMAT_HELP = """\
 chat data (--data, jsonl: one JSON object per line, in either form):

@@ -8,10 +8,11 @@ of 64, special ids (BOS = EOS = <|endoftext|>, a pad token, chat role tokens), t
     tok = train_bpe([Path("corpus.txt")], vocab_size=4096, out_dir="tok/")
 """
 
+from .chat_template import render_chat_text
 from .core import SIDECAR, StreamDecoder, Tokenizer, round_up
 from .loading import load_tokenizer
 from .simple import SimpleTokenizer
-from .specials import END_TOKEN, EOS_TOKEN, PAD_TOKEN, ROLE_TOKENS, SPECIAL_TOKENS, render_chat_text
+from .specials import END_TOKEN, EOS_TOKEN, PAD_TOKEN, ROLE_TOKENS, SPECIAL_TOKENS
 from .training import MIN_VOCAB_SIZE, train_bpe
 
 __all__ = [

@@ -20,15 +20,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..errors import CogniError
 from ..files import write_text_atomically
-from .specials import (
-    END_TOKEN,
-    EOS_TOKEN,
-    PAD_TOKEN,
-    ROLE_TOKENS,
-    SPECIAL_TOKENS,
-    render_chat_ids,
-    render_chat_text,
-)
+from .chat_template import render_chat_ids, render_chat_text
+from .specials import END_TOKEN, EOS_TOKEN, PAD_TOKEN, ROLE_TOKENS, SPECIAL_TOKENS
 
 VOCAB_MULTIPLE = 64  # embedding rows are padded to this so matmuls hit fast kernel shapes
 SIDECAR = "cogni_tokenizer.json"  # our metadata beside the standard tokenizer.json
