@@ -7,6 +7,18 @@ import argparse
 from ..config import DEFAULT_PRESET, PRESETS, Config, apply_overrides, load_config, preset
 
 
+def add_command(sub, name: str, help: str, description: str | None = None,
+                epilog: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand's parser; its epilog (usually examples) keeps the line breaks it was written with."""
+    return sub.add_parser(name, help=help, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_source_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """--source SPEC, repeatable and required: what documents to read (see data/sources.py)."""
+    p.add_argument("--source", action="append", required=True, metavar="SPEC", help=help)
+
+
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """--config / --preset / --set, resolved by `config_from_args`."""
     p.add_argument("--config", metavar="FILE", help="a config.json (default: ./config.json if present)")

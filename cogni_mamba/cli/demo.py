@@ -8,6 +8,8 @@ import json
 import sys
 import time
 
+from .common import add_command
+
 EPILOG = """The whole real pipeline, offline: corpus -> BPE tokenizer -> token shards -> Trainer -> Chatbot.
 Everything lands under --out and is reused by the next run (pass --retrain to train again).
 
@@ -19,10 +21,8 @@ examples:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("demo", help="train a small chatbot from scratch on this machine in minutes (offline)",
-                       description="Build the built-in corpus, train a BPE and the nano model within a time "
-                                   "budget, print samples, and open a chat.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "demo", "train a small chatbot from scratch on this machine in minutes (offline)", "Build the built-in corpus, train a BPE and the nano model within a time "
+                                   "budget, print samples, and open a chat.", EPILOG)
     p.add_argument("--minutes", type=float, default=5.0,
                    help="time budget for building and training (default 5; samples and chat come after)")
     p.add_argument("--out", default="runs/demo", help="folder for the corpus, tokenizer, shards and run (default runs/demo)")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_command
+
 EPILOG = """what is scored (see cogni_mamba/evaluate.py):
   The documents form one stream laid out like prepared data (doc EOS doc EOS ...) behind one leading
   EOS; every token after it, each document's closing EOS included, is predicted exactly once. Windows
@@ -19,9 +21,8 @@ examples:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte on held-out text",
-                       description="Measure loss, perplexity and bits per byte of a checkpoint.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "eval", "loss, perplexity and bits per byte on held-out text",
+                    "Measure loss, perplexity and bits per byte of a checkpoint.", EPILOG)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint or run directory")
     p.add_argument("--data", required=True, metavar="PATH",
                    help="a .txt / .jsonl / .jsonl.gz / .parquet file or folder, or a prepared dataset folder")

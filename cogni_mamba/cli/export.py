@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_command
+
 EPILOG = """examples:
   cogni-mamba export --checkpoint runs/nano --format hf --out exports/nano-hf
   cogni-mamba export --checkpoint runs/nano/best --format gguf --dtype q8_0 --out exports/nano-q8_0.gguf
@@ -14,9 +16,8 @@ included); the gguf file runs in llama.cpp (e.g. `llama-cli -m exports/nano-q8_0
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("export", help="export a checkpoint to Hugging Face or GGUF",
-                       description="Export a checkpoint to a Hugging Face Llama folder or a GGUF file.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "export", "export a checkpoint to Hugging Face or GGUF",
+                    "Export a checkpoint to a Hugging Face Llama folder or a GGUF file.", EPILOG)
     p.add_argument("--checkpoint", required=True, metavar="DIR", help="a checkpoint or run directory")
     p.add_argument("--format", required=True, choices=("hf", "gguf"), help="hf (folder) or gguf (one file)")
     p.add_argument("--out", required=True, metavar="PATH", help="folder (hf) or file (gguf) to write")

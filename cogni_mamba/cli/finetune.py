@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..finetune.chat_data import CHAT_FORMAT_HELP
+from .common import add_command
 
 EPILOG = f"""{CHAT_FORMAT_HELP}
 Each conversation is rendered with the tokenizer's chat template; only assistant tokens (and the
@@ -29,9 +30,8 @@ examples:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("finetune", help="fine-tune a checkpoint on chat data (loss on assistant replies only)",
-                       description="Supervised chat fine-tuning of a pretrained checkpoint.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "finetune", "fine-tune a checkpoint on chat data (loss on assistant replies only)",
+                    "Supervised chat fine-tuning of a pretrained checkpoint.", EPILOG)
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="pretrained checkpoint or run folder (its latest checkpoint is used)")
     p.add_argument("--data", required=True, metavar="FILE", help="chat data .jsonl (format below)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..finetune.make_data import MAKE_SOURCE_HELP
+from .common import add_command, add_source_arg
 
 EPILOG = f"""sources (--source, repeatable):
 {MAKE_SOURCE_HELP}
@@ -25,11 +26,9 @@ examples:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("make-chat-data", help="make chat fine-tuning data from TinyStories / CodeSearchNet",
-                       description="Turn pretraining documents into chat conversations (no external model).",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", action="append", required=True, metavar="SPEC",
-                   help="tinystories[:PATH] or codesearchnet[:PATH] (see below)")
+    p = add_command(sub, "make-chat-data", "make chat fine-tuning data from TinyStories / CodeSearchNet",
+                    "Turn pretraining documents into chat conversations (no external model).", EPILOG)
+    add_source_arg(p, "tinystories[:PATH] or codesearchnet[:PATH] (see below)")
     p.add_argument("--out", required=True, metavar="FILE", help="the .jsonl file to write")
     p.add_argument("--n", type=int, metavar="N",
                    help="conversations to keep, chosen at random from all those made (default: all)")

@@ -17,11 +17,10 @@ examples:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from .common import add_config_args
+    from .common import add_command, add_config_args
 
-    p = sub.add_parser("plan", help="pick the model size for a time budget on this machine",
-                       description="Measure a few model sizes on this machine and plan the best one for a budget.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "plan", "pick the model size for a time budget on this machine",
+                    "Measure a few model sizes on this machine and plan the best one for a budget.", EPILOG)
     add_config_args(p)
     p.add_argument("--minutes", type=float, required=True, help="the training budget")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when there is one)")

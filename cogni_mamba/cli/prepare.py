@@ -6,6 +6,7 @@ import argparse
 import time
 
 from ..data.sources import SOURCE_SPEC_HELP
+from .common import add_command, add_source_arg
 
 EPILOG = f"""sources (--source, repeatable; all of them go into one prepared folder):
 {SOURCE_SPEC_HELP}
@@ -24,11 +25,9 @@ examples:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("prepare", help="tokenize documents into memory-mapped train/val shards",
-                       description="Tokenize documents in parallel into train.bin, val.bin and meta.json.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", action="append", required=True, metavar="SPEC",
-                   help="what to read, e.g. tinystories, tinystories:PATH, codesearchnet:PATH, PATH (see below)")
+    p = add_command(sub, "prepare", "tokenize documents into memory-mapped train/val shards",
+                    "Tokenize documents in parallel into train.bin, val.bin and meta.json.", EPILOG)
+    add_source_arg(p, "what to read, e.g. tinystories, tinystories:PATH, codesearchnet:PATH, PATH (see below)")
     p.add_argument("--tokenizer", required=True, metavar="DIR", help="tokenizer folder (or name) to encode with")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write train.bin, val.bin, meta.json")
     p.add_argument("--val-fraction", type=float, default=0.005,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from .common import add_command
+
 EPILOG = """examples:
   cogni-mamba tokenizer train --data TinyStories-train.txt --vocab-size 4096 --out tok/
   cogni-mamba tokenizer train --data code.jsonl more.parquet --text-field content --vocab-size 8192 --out tok/
@@ -17,9 +19,8 @@ held out to measure compression. The vocabulary has exactly --vocab-size tokens 
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("tokenizer", help="train a BPE tokenizer on your corpus, or encode text with one",
-                       description="Train a byte-level BPE tokenizer, or show how a tokenizer encodes text.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "tokenizer", "train a BPE tokenizer on your corpus, or encode text with one",
+                    "Train a byte-level BPE tokenizer, or show how a tokenizer encodes text.", EPILOG)
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = actions.add_parser("train", help="train a byte-level BPE and save it to a folder")
     t.add_argument("--data", nargs="+", required=True, metavar="FILE", help=".txt, .jsonl or .parquet corpus files")

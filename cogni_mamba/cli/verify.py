@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .common import add_command
+
 EPILOG = """PATH may be a checkpoint folder, a run folder (every complete checkpoint in it and its
 `latest` pointer) or a prepared dataset folder (meta.json and its .bin shards). Each file is hashed in
 full (sha256) and compared with the record written beside it; exit status 1 when anything is damaged.
@@ -17,9 +19,8 @@ examples:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("verify", help="check checkpoints and prepared data for damaged files",
-                       description="Check checkpoints and prepared shards against their recorded sha256 checksums.",
-                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, "verify", "check checkpoints and prepared data for damaged files",
+                    "Check checkpoints and prepared shards against their recorded sha256 checksums.", EPILOG)
     p.add_argument("paths", nargs="+", metavar="PATH")
     return p
 
