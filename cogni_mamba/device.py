@@ -18,10 +18,15 @@ def best_device() -> torch.device:
 
 def resolve_device(name: str | None) -> torch.device:
     """A device from a user string ("auto", "cpu", "cuda", "cuda:1", "mps")."""
-    from .errors import CogniError
-
     if name in (None, "", "auto"):
         return best_device()
+    return parse_device(name)
+
+
+def parse_device(name: str) -> torch.device:
+    """`name` as a torch.device; an unknown name, or CUDA where there is none, is a CogniError."""
+    from .errors import CogniError
+
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import unwrap  # noqa: F401  (the one unwrap; train code imports it from here too)
-from ..errors import CogniError
+from ..device import parse_device
 
 
 @dataclass(frozen=True)
@@ -45,18 +45,13 @@ class DistInfo:
 
 
 def pick_device(requested: str | None = None, local_rank: int = 0) -> torch.device:
-    """`requested` if given, else this rank's CUDA device when there is one, else the CPU.
+    """`requested` if given (not "auto"), else this rank's CUDA device when there is one, else the CPU.
 
     A plain "cuda" (given or chosen) means this rank's GPU, cuda:LOCAL_RANK (modulo the GPUs
     present), so under torchrun each rank gets its own and DDP gets a device index.
     """
-    if requested:
-        try:
-            device = torch.device(requested)
-        except RuntimeError:
-            raise CogniError(f"Unknown device {requested!r}; use cpu, cuda, cuda:N or mps.") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise CogniError(f"Device {requested!r} was requested but CUDA is not available; use --device cpu.")
+    if requested and requested != "auto":
+        device = parse_device(requested)
         if device.type != "cuda" or device.index is not None:
             return device
     elif not torch.cuda.is_available():
@@ -253,6 +248,11 @@ def max_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:
     t = torch.tensor([float(value)], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t.item())
+
+
+def min_over_ranks(value: int, info: DistInfo, device: torch.device) -> int:
+    """The smallest `value` of all ranks, on every rank."""
+    return -max_over_ranks(-value, info, device)
 
 
 def gather_objects(obj: Any, info: DistInfo) -> list[Any]:
