@@ -189,11 +189,10 @@ def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: boo
                 auto_size: bool = False) -> tuple[Config, dict]:
     """Train on the shards for `budget_s` seconds (the nano preset, or with `auto_size` the size
     `cogni-mamba plan` picks for the budget on this machine); returns the config used and the numbers."""
-    from .data import TokenBatches, fixed_batches
-    from .model import CogniMamba
-    from .train import Trainer
+    from .train import build_trainer
+    from .train.budget import steps_in_budget
+    from .train.build import pretraining_inputs
     from .train.distributed import pick_device
-    from .train.trainer import steps_in_budget
 
     device = pick_device(None)
     cfg = replace_cfg(cfg, model=replace_cfg(cfg.model, vocab_size=tokenizer.vocab_size))
@@ -205,20 +204,16 @@ def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: boo
         say(plan.describe())
         cfg = apply_plan(cfg, plan)
         budget_s -= time.time() - start
-    torch.manual_seed(cfg.train.seed)
-    model_cfg = cfg.model
-    model = CogniMamba(model_cfg)
-    dirs, T, B = cfg.data.data_dirs, cfg.data.seq_len, cfg.train.batch_size
-    batches = TokenBatches(dirs, T, B, seed=cfg.data.seed)
-    val = fixed_batches(dirs, T, B, cfg.train.eval_batches)
+    model, batches, val = pretraining_inputs(cfg)
     step_s = seconds_per_step(model, val[0], cfg, device)
     # An explicit train.max_steps (e.g. a test that wants the same model on any machine) wins over the plan.
     steps = cfg.train.max_steps or steps_in_budget(budget_s, step_s, cfg.train)
-    cfg = replace_cfg(cfg, model=model_cfg, train=replace_cfg(cfg.train, max_steps=steps, max_minutes=budget_s / 60))
+    cfg = replace_cfg(cfg, train=replace_cfg(cfg.train, max_steps=steps, max_minutes=budget_s / 60))
+    B, T = cfg.train.batch_size, cfg.data.seq_len
     say(f"training: {model.num_parameters() / 1e6:.1f}M parameters on {device.type}, {B} x {T} tokens per step, "
         f"{step_s:.2f} s/step -> {steps} steps in at most {budget_s / 60:.1f} min")
-    trainer = Trainer(model, batches, val, cfg.train, config=cfg, tokenizer=tokenizer, out_dir=cfg.train.out_dir,
-                      device=device, progress=progress, log=say, force=force)
+    trainer = build_trainer(model, batches, val, cfg.train, config=cfg, tokenizer=tokenizer,
+                            out_dir=cfg.train.out_dir, device=device, progress=progress, log=say, force=force)
     initial = trainer.evaluate()
     trainer.metrics.write({"step": 0, "epoch": 0, "val_loss": initial, "val_ppl": math.exp(min(initial, 50.0))})
     result = trainer.train()

@@ -186,14 +186,14 @@ def _run(out: Path, device: torch.device, parallel: str, precision: str, steps: 
     from train_worker import RandomTokens, tiny_model_config
 
     from cogni_mamba.config import TrainConfig
-    from cogni_mamba.train.trainer import Trainer
+    from cogni_mamba.train import build_trainer
 
     torch.manual_seed(1234)
     cfg = TrainConfig(batch_size=4, grad_accum=2, max_steps=steps, lr=3e-3, min_lr=3e-4, warmup_steps=1,
                       eval_interval=steps, save_interval=steps, precision=precision, out_dir=str(out), parallel=parallel)
     val = [next(RandomTokens(4, 16, seed=99))]
-    trainer = Trainer(CogniMamba(tiny_model_config()), RandomTokens(4, 16, seed=7), val, cfg, device=str(device),
-                      progress=False, log=lambda m: None)
+    trainer = build_trainer(CogniMamba(tiny_model_config()), RandomTokens(4, 16, seed=7), val, cfg, device=str(device),
+                            progress=False, log=lambda m: None)
     seen: list[torch.dtype] = []
     trainer.raw_model.layers[0].attention.wq.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype))
     trainer.train()

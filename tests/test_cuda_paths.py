@@ -22,10 +22,9 @@ from cogni_mamba import device as device_module  # noqa: E402
 from cogni_mamba.config import TrainConfig  # noqa: E402
 from cogni_mamba.finetune.sft import ChatBatches, collate  # noqa: E402
 from cogni_mamba.model import CogniMamba  # noqa: E402
-from cogni_mamba.train import distributed, precision  # noqa: E402
+from cogni_mamba.train import Trainer, build_trainer, distributed, precision  # noqa: E402  # noqa: E402
 from cogni_mamba.train.distributed import DistInfo, pick_device, wrap_ddp  # noqa: E402
 from cogni_mamba.train.metrics import device_peak_flops, peak_flops_for  # noqa: E402
-from cogni_mamba.train.trainer import Trainer  # noqa: E402
 from tests.references import logged_losses  # noqa: E402
 
 GIB = 1024**3
@@ -154,8 +153,8 @@ def _cfg(out: Path, **kw) -> TrainConfig:
 def _trainer(out: Path, batches=None, device="cpu", dist_info=None, **kw) -> Trainer:
     torch.manual_seed(1234)
     val = [next(RandomTokens(4, 16, seed=99))]
-    return Trainer(CogniMamba(tiny_model_config()), batches or RandomTokens(4, 16, seed=7), val, _cfg(out, **kw),
-                   device=device, dist=dist_info, progress=False, log=lambda m: None)
+    return build_trainer(CogniMamba(tiny_model_config()), batches or RandomTokens(4, 16, seed=7), val,
+                         _cfg(out, **kw), device=device, dist=dist_info, progress=False, log=lambda m: None)
 
 
 def test_fp16_resume_from_a_checkpoint_without_a_loss_scale(tmp_path):

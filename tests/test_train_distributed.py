@@ -29,7 +29,7 @@ from train_worker import RandomTokens, tiny_model_config  # noqa: E402
 from cogni_mamba.config import ConfigError, TrainConfig  # noqa: E402
 from cogni_mamba.errors import CogniError  # noqa: E402
 from cogni_mamba.model import CogniMamba  # noqa: E402
-from cogni_mamba.train.trainer import Trainer  # noqa: E402
+from cogni_mamba.train import Trainer, build_trainer  # noqa: E402
 from tests.references import logged_losses  # noqa: E402
 
 WORKER = Path(__file__).with_name("train_worker.py")
@@ -146,7 +146,8 @@ def _one_process_run(out: Path, device: str, parallel: str, *, resume: bool = Fa
     cfg = TrainConfig(batch_size=4, grad_accum=2, max_steps=6, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_interval=3,
                       save_interval=3, precision="fp32", out_dir=str(out), parallel=parallel)
     val = [next(RandomTokens(4, 16, seed=99 + i)) for i in range(2)]
-    trainer = Trainer(model, RandomTokens(4, 16, seed=7), val, cfg, device=device, progress=False, log=lambda m: None)
+    trainer = build_trainer(model, RandomTokens(4, 16, seed=7), val, cfg, device=device, progress=False,
+                            log=lambda m: None)
     if resume:
         trainer.resume()
     trainer.train()

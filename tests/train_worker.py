@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
 
+    from cogni_mamba.train import build_trainer
     from cogni_mamba.train.distributed import exit_worker, init_distributed, pick_device, shutdown
-    from cogni_mamba.train.trainer import Trainer
 
     device = pick_device(a.device, int(os.environ.get("LOCAL_RANK", "0")))
     if device.type == "cpu":
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     train = RandomTokens(cfg.batch_size, a.seq, seed=7, rank=info.rank, world_size=info.world_size,
                          batches_per_epoch=25, sleep=a.sleep)
     val = [next(RandomTokens(4, a.seq, seed=99 + i)) for i in range(2)]
-    trainer = Trainer(model, train, val, cfg, config=Config(model=model.config, train=cfg), device=device,
-                      dist=info, progress=False, log=lambda m: print(m, flush=True))
+    trainer = build_trainer(model, train, val, cfg, config=Config(model=model.config, train=cfg), device=device,
+                            dist=info, progress=False, log=lambda m: print(m, flush=True))
     if a.resume:
         trainer.resume()
     result = trainer.train()

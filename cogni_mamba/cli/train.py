@@ -121,13 +121,10 @@ def _auto_size(cfg, device):
 def run(args: argparse.Namespace) -> int:
     import os
 
-    import torch
-
     from ..config import replace
-    from ..data import TokenBatches, fixed_batches
     from ..errors import CogniError
-    from ..model import CogniMamba
-    from ..train import Trainer
+    from ..train import build_trainer
+    from ..train.build import pretraining_inputs
     from ..train.distributed import exit_worker, init_distributed, pick_device, shutdown
 
     cfg = _config(args)
@@ -144,16 +141,11 @@ def run(args: argparse.Namespace) -> int:
         cfg = _auto_size(cfg, device)
     info = init_distributed(device)
     try:
-        torch.manual_seed(cfg.train.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-        model = CogniMamba(cfg.model)
-        d, T, B = cfg.data, cfg.data.seq_len, cfg.train.batch_size
-        batches = TokenBatches(d.data_dirs, T, B, weights=d.weights or None, seed=d.seed, rank=info.rank,
-                               world_size=info.world_size)
-        val = fixed_batches(d.data_dirs, T, B, cfg.train.eval_batches)
-        trainer = Trainer(model, batches, val, cfg.train, config=cfg, tokenizer=tokenizer, out_dir=out,
-                          device=device, dist=info, progress=not args.quiet, force=args.force)
+        model, batches, val = pretraining_inputs(cfg, info)
+        trainer = build_trainer(model, batches, val, cfg.train, config=cfg, tokenizer=tokenizer, out_dir=out,
+                                device=device, dist=info, progress=not args.quiet, force=args.force)
         if info.is_main:
-            n = model.num_parameters()
+            n, B, T = model.num_parameters(), cfg.train.batch_size, cfg.data.seq_len
             print(f"training {n / 1e6:.2f}M parameters on {device} x {info.world_size} in {trainer.precision}: "
                   f"{trainer.total_steps} steps of {B * cfg.train.grad_accum * info.world_size} x {T} tokens "
                   f"-> {out}")

@@ -125,7 +125,7 @@ def plan_finetune(checkpoint: str | Path, data: str | Path, *, out_dir: str | Pa
     """
     from ..chat import DEFAULT_SYSTEM_PROMPT
     from ..model import CogniMamba
-    from ..train import Trainer
+    from ..train import build_trainer
     from ..train.distributed import current
 
     source = ckpt.find_checkpoint(checkpoint)
@@ -152,8 +152,8 @@ def plan_finetune(checkpoint: str | Path, data: str | Path, *, out_dir: str | Pa
     val_batches = padded_eval_batches(val_examples, cfg.train.batch_size, tokenizer.pad_id)
     model = CogniMamba(cfg.model)
     ckpt.load_weights(model, source)  # weights only: the optimizer and schedule start anew
-    trainer = Trainer(model, batches, val_batches, cfg.train, config=cfg, tokenizer=tokenizer, out_dir=out,
-                      device=device, dist=dist, progress=progress, log=log, force=force)
+    trainer = build_trainer(model, batches, val_batches, cfg.train, config=cfg, tokenizer=tokenizer, out_dir=out,
+                            device=device, dist=dist, progress=progress, log=log, force=force)
     return FinetunePlan(trainer, cfg, source, out, chat_file, train_stats, len(val_convs), len(val_examples), resume)
 
 

@@ -45,7 +45,9 @@ from ..checkpoint import (  # noqa: F401  (the reading side, re-exported for tra
 from ..config import Config, to_dict
 from ..files import write_dir_atomically, write_text_atomically
 from ..integrity import seal_text, tree_digests
+from ..stats import human_bytes
 from .distributed import is_sharded, load_full_model_state, tied_names, unwrap
+from .preflight import free_disk
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -182,3 +184,18 @@ def load_train_state(ckpt: Path) -> dict:
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path} is not a cogni-mamba training state; start a new run instead of --resume.")
     return state
+
+
+def save_failure_message(run_dir: Path, step: int, error: OSError | None) -> str:
+    """One sentence on a failed save: what happened, what is intact, how to go on (None: rank 0's error)."""
+    if error is None:
+        return f"Rank 0 could not save the checkpoint at step {step}; see its message."
+    latest = read_pointer(run_dir)
+    reason = error.strerror or str(error)
+    kept = (f"the last good checkpoint ({run_dir / latest}) is intact, so free some space and continue "
+            "from it with --resume" if latest else "no earlier checkpoint exists, so free some space and start again")
+    try:
+        free = f", {human_bytes(free_disk(run_dir))} free"
+    except OSError:
+        free = ""
+    return f"Could not save the checkpoint at step {step} in {run_dir} ({reason}{free}); {kept}."

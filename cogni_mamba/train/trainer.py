@@ -1,21 +1,21 @@
 """The training loop: accumulation, mixed precision, evaluation, checkpoints, exact resume, faults.
 
-`Trainer(model, train_batches, val_batches, cfg.train, ...)` takes any iterable of (x, y) batches;
-when the iterable has `state_dict()` / `load_state_dict()` its position is saved in every
-checkpoint, and `batches_per_epoch` (per process) lets the run count epochs. One optimizer step is
-`grad_accum` micro-batches on each of `world_size` processes, whose model is wrapped in DDP or, with
-`train.parallel = "fsdp"`, sharded by FSDP2 (checkpoints hold the full weights either way).
+`build_trainer(model, train_batches, val_batches, cfg.train, ...)` (train/build.py) places and wraps
+the model and returns a `Trainer`, which takes any iterable of (x, y) batches; when the iterable has
+`state_dict()` / `load_state_dict()` its position is saved in every checkpoint, and `batches_per_epoch`
+(per process) lets the run count epochs. One optimizer step is `grad_accum` micro-batches on each of
+`world_size` processes, whose model is wrapped in DDP or, with `train.parallel = "fsdp"`, sharded by
+FSDP2 (checkpoints hold the full weights either way). `Trainer.train` is the loop; the pieces it calls
+live beside it: budget.py (schedule length, time budget), guards.py (signals, stop reason, rollback,
+out-of-memory advice), validation.py, preflight.py.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,150 +24,55 @@ from torch import nn
 
 from ..config import Config, TrainConfig, to_dict
 from ..errors import CogniError
-from ..stats import flops_per_token, human_bytes
+from ..stats import flops_per_token
 from . import checkpoint as ckpt
+from .budget import fit_to_budget, schedule_length, steps_in_budget  # noqa: F401  (steps_in_budget: the demo's)
 from .distributed import (
     DistInfo,
     all_reduce_mean,
-    all_reduce_sum,
     barrier,
     current,
     full_model_state,
     full_optimizer_state,
     gather_objects,
     grad_sync,
+    is_sharded,
     load_full_optimizer_state,
     max_over_ranks,
-    pick_device,
-    shard_fsdp,
-    wrap_ddp,
+    min_over_ranks,
 )
+from .guards import STOP_REASONS, StopSignals, is_out_of_memory, oom_advice, roll_back, stop_wish
 from .metrics import MetricsLog, device_peak_flops, plot_losses
 from .optim import build_optimizer, lr_at, set_lr
-from .precision import autocast, configure_matmul, load_scaler_state, make_scaler, resolve_precision
-from .preflight import check as preflight_check
-from .preflight import checkpoint_bytes, free_disk, run_memory
+from .precision import autocast, load_scaler_state, make_scaler, resolve_precision
+from .preflight import preflight_findings
+from .results import StepOutcome, TrainResult
 from .state import plain, rng_state, set_rng_state
 from .tracking import Trackers
-
-MAX_ROLLBACKS = 2
-
-
-@dataclass
-class StepOutcome:
-    """What one optimizer step did."""
-
-    applied: bool
-    loss: float
-    grad_norm: float
-    lr: float
-    tokens: int
-    seconds: float
-    reason: str = ""  # why a step was not applied: "nonfinite_loss", "nonfinite_grad", "scaler_skip"
-
-
-@dataclass
-class TrainResult:
-    """The end-of-run summary."""
-
-    steps: int
-    best_val_loss: float | None
-    tokens_seen: int
-    seconds: float
-    bad_steps: int
-    stopped: str  # "finished", "signal" or "time"
-
-    def summary(self) -> str:
-        best = f"{self.best_val_loss:.4f} (ppl {math.exp(min(self.best_val_loss, 50)):.2f})" \
-            if self.best_val_loss is not None else "n/a"
-        return (f"{self.stopped}: {self.steps} steps, best val loss {best}, {self.tokens_seen:,} tokens seen, "
-                f"{self.seconds / 60:.1f} min, {self.bad_steps} skipped non-finite steps")
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """True for an allocation failure: torch.OutOfMemoryError (CUDA) or the CPU/MPS allocators' RuntimeError."""
-    text = str(e).lower()
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "not enough memory" in text
-
-
-def oom_advice(shape: tuple[int, ...] | None, cfg: TrainConfig, precision: str, world_size: int) -> str:
-    """The one-sentence message for an out-of-memory step: where it happened and what to lower."""
-    where = f"a micro batch of {shape[0]} x {shape[1]} tokens" if shape else f"train.batch_size {cfg.batch_size}"
-    fixes = [f"lower train.batch_size (now {cfg.batch_size}) and raise train.grad_accum (now {cfg.grad_accum}) "
-             "to keep the effective batch", "lower data.seq_len"]
-    if precision == "fp32":
-        fixes.append("use --precision bf16")
-    if world_size > 1 and cfg.parallel != "fsdp":
-        fixes.append("shard the model with --set train.parallel=fsdp")
-    fixes.append("or pick a smaller --preset")
-    return f"Out of memory while training on {where}: " + ", ".join(fixes) + "."
-
-
-def schedule_length(cfg: TrainConfig, batches: Any) -> tuple[int, int | None]:
-    """(total optimizer steps, steps per epoch or None) from the step budget or the epoch count."""
-    per_epoch = getattr(batches, "batches_per_epoch", None)
-    steps_per_epoch = max(1, int(per_epoch) // cfg.grad_accum) if per_epoch else None
-    if cfg.max_steps is not None:
-        return cfg.max_steps, steps_per_epoch
-    if steps_per_epoch is None:
-        raise CogniError("The batch source does not say how long an epoch is; set train.max_steps "
-                         "(e.g. --max-steps 1000).")
-    return cfg.epochs * steps_per_epoch, steps_per_epoch
-
-
-def eager() -> contextlib.AbstractContextManager:
-    """Within it, torch.compile'd code runs eagerly (no compilation); torch < 2.6 lacks the switch."""
-    set_stance = getattr(torch.compiler, "set_stance", None)
-    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
-
-
-def steps_in_budget(budget_s: float, step_s: float, cfg: TrainConfig) -> int:
-    """Optimizer steps that fit a time budget at `step_s` seconds a step, counting each evaluation
-    (forward only: ~1/3 of a step per batch). The first plan; `fit_to_budget` corrects it as the run goes."""
-    eval_s = cfg.eval_batches / 3 * step_s / cfg.grad_accum
-    per_step = step_s + eval_s / cfg.eval_interval
-    return max(1, int(budget_s / per_step))
-
-
-def fit_to_budget(step: int, steps_taken: int, elapsed_s: float, budget_s: float, planned: int) -> int:
-    """The step count that ends within the time budget at the pace so far, never more than planned.
-
-    With a time budget the cosine schedule then reaches min_lr when the time runs out, instead of the
-    run being cut off halfway down the schedule.
-    """
-    if steps_taken <= 0 or elapsed_s <= 0:
-        return planned
-    pace = elapsed_s / steps_taken  # seconds per step, evaluations and checkpoints included
-    return max(step, min(planned, step + int((budget_s - elapsed_s) / pace)))
+from .validation import validation_loss
 
 
 class Trainer:
     """Trains `model` on `train_batches`, evaluating on the fixed `val_batches`, writing to `out_dir`."""
 
     def __init__(self, model: nn.Module, train_batches: Iterable, val_batches: Iterable | None, cfg: TrainConfig, *,
-                 config: Config | None = None, tokenizer: Any = None, out_dir: str | Path | None = None,
-                 device: str | torch.device | None = None, dist: DistInfo | None = None, progress: bool = True,
-                 log: Callable[[str], None] | None = None, force: bool = False):
+                 forward: nn.Module | None = None, config: Config | None = None, tokenizer: Any = None,
+                 out_dir: str | Path | None = None, device: str | torch.device | None = None,
+                 dist: DistInfo | None = None, progress: bool = True, log: Callable[[str], None] | None = None,
+                 force: bool = False):
+        """`model` is ready to train: on `device` (default: where its weights are), or sharded by FSDP2;
+        `forward` is what a step calls (DDP and/or torch.compile around it; default `model`). Nothing is
+        moved, wrapped or deleted here: `build_trainer` (train/build.py) does that and then calls this."""
         self.cfg = cfg
         self.force = force  # pre-flight refusals (disk, memory) become warnings
         self.dist = dist or current()
-        self.device = torch.device(device) if device is not None else pick_device(None, self.dist.local_rank)
-        self.fsdp = cfg.parallel == "fsdp" and (self.dist.enabled or torch.distributed.is_initialized())
+        self.raw_model, self.model = model, forward if forward is not None else model
+        self.fsdp = is_sharded(model)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if not self.fsdp and next(model.parameters()).device.type != self.device.type:
+            raise ValueError(f"The model is on {next(model.parameters()).device}, not {self.device}; "
+                             "build the trainer with build_trainer(...), which places it.")
         self.precision = resolve_precision(cfg.precision, self.device)
-        if self.fsdp and self.precision == "fp16":
-            raise CogniError("train.parallel=fsdp does not support fp16 (its loss scaler is per rank); "
-                             "use --precision bf16 or fp32.")
-        configure_matmul(self.precision, self.device)
-        if self.fsdp:
-            # fully_shard moves each shard to the device itself, so the whole model never has to fit there;
-            # with compile, each block is compiled before it is sharded (FSDP2's recommended order).
-            self.raw_model = shard_fsdp(model, self.dist, self.device, precision=self.precision, compile=cfg.compile)
-            self.model = self.raw_model
-        else:
-            self.raw_model = model.to(self.device)
-            # compile wraps DDP (not the other way round), so the graph splits at DDP's gradient buckets
-            ddp = wrap_ddp(self.raw_model, self.dist, self.device)
-            self.model = torch.compile(ddp) if cfg.compile else ddp
         # Batches of varying length (chat fine-tuning): one graph with a dynamic sequence dimension.
         self.dynamic_length = cfg.compile and bool(getattr(train_batches, "variable_length", False))
         self.optimizer = build_optimizer(self.raw_model, cfg, self.device.type)
@@ -191,10 +96,7 @@ class Trainer:
         self.bad_steps = 0
         self.bad_streak = 0
         self.rollbacks = 0
-        self._stop = False
         self._micro_shape: tuple[int, ...] | None = None
-        if self.dist.is_main:
-            ckpt.remove_stale_temps(self.out_dir)
 
     # --- small pieces -----------------------------------------------------------------------------
 
@@ -274,36 +176,11 @@ class Trainer:
 
     # --- evaluation and checkpoints ---------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean loss over the fixed validation batches (split across ranks), or None without any.
-
-        It runs the uncompiled model (eager, also for compiled blocks): a compiled model in eval mode
-        and without gradients would be compiled once more, inside the run's time.
-        """
+        """Mean loss over the fixed validation batches (split across ranks), or None without any."""
         if not self.val_batches:
             return None
-        with eager():
-            return self._evaluate()
-
-    def _evaluate(self) -> float:
-        self.raw_model.eval()
-        total = torch.zeros(2, device=self.device)  # (sum of batch losses, number of batches)
-        mine = self.val_batches[self.dist.rank::self.dist.world_size]
-        # FSDP all-gathers weights inside forward, so every rank must run as many forwards: the ranks
-        # with one batch fewer repeat a batch and give it weight 0.
-        rounds = -(-len(self.val_batches) // self.dist.world_size) if self.fsdp else len(mine)
-        for i in range(rounds):
-            x, y = mine[i] if i < len(mine) else self.val_batches[0]
-            with autocast(self.precision, self.device):
-                _, loss = self.raw_model(x.to(self.device), y.to(self.device), return_logits=False)
-            weight = torch.tensor(float(i < len(mine)), device=self.device)
-            total += torch.stack([loss.float(), torch.ones((), device=self.device)]) * weight
-        if self.fsdp:  # without a backward the root keeps its gathered weights; the optimizer holds the shards
-            self.raw_model.reshard()
-        self.raw_model.train()
-        total = all_reduce_sum(total, self.dist)
-        return float(total[0] / total[1])
+        return validation_loss(self.raw_model, self.val_batches, self.precision, self.device, self.dist)
 
     def train_state(self) -> dict[str, Any]:
         """Everything besides the weights that an exact resume needs (collective: call on all ranks)."""
@@ -343,25 +220,11 @@ class Trainer:
                 error = e
         if not max_over_ranks(int(error is not None), self.dist, self.device):  # also the barrier
             return path
-        message = self._save_failure(error)
+        message = ckpt.save_failure_message(self.out_dir, self.step, error)
         if self.cfg.on_save_error == "continue":
             self.log(f"{message} Training goes on (train.on_save_error=continue); the next save tries again.")
             return None
         raise CogniError(message)
-
-    def _save_failure(self, error: OSError | None) -> str:
-        """One sentence on a failed save: what happened, what is intact, how to go on."""
-        if error is None:
-            return f"Rank 0 could not save the checkpoint at step {self.step}; see its message."
-        latest = ckpt.read_pointer(self.out_dir)
-        reason = error.strerror or str(error)
-        kept = (f"the last good checkpoint ({self.out_dir / latest}) is intact, so free some space and continue "
-                "from it with --resume" if latest else "no earlier checkpoint exists, so free some space and start again")
-        try:
-            free = f", {human_bytes(free_disk(self.out_dir))} free"
-        except OSError:
-            free = ""
-        return f"Could not save the checkpoint at step {self.step} in {self.out_dir} ({reason}{free}); {kept}."
 
     def resume(self, path: str | Path | None = None) -> Path:
         """Continue from a checkpoint (default: this run's latest): weights, optimizer, data and RNG."""
@@ -391,51 +254,85 @@ class Trainer:
         self.log(f"resumed from {where} at step {self.step}")
         return where
 
-    def _rollback(self) -> None:
-        """After `max_bad_steps` non-finite steps in a row: reload the last checkpoint at half the LR."""
-        msg = (f"{self.bad_streak} non-finite steps in a row at step {self.step}; lower train.lr, use "
-               "--precision bf16 or fp32, or check the data for corrupt tokens.")
-        if self.rollbacks >= MAX_ROLLBACKS:
-            raise CogniError(f"Training diverged: {msg}")
-        try:
-            where = ckpt.find_checkpoint(self.out_dir)
-        except ckpt.CheckpointError:
-            raise CogniError(f"Training diverged before the first checkpoint: {msg}") from None
-        streak, rollbacks, scale = self.bad_streak, self.rollbacks + 1, self.lr_scale * 0.5
-        # Keep moving through the data rather than replaying the batches that went bad.
-        get_loader = getattr(self.train_batches, "state_dict", None)
-        loader_state = get_loader() if callable(get_loader) else None
-        iterator = self._iter
-        self.resume(where)
-        if loader_state is not None:
-            self.train_batches.load_state_dict(loader_state)
-            self._iter = iter(self.train_batches)
-        else:
-            self._iter = iterator
-        self.rollbacks, self.lr_scale, self.bad_streak = rollbacks, scale, 0
-        self.log(f"warning: {streak} non-finite steps in a row; reloaded {where.name} with the LR scaled by {scale}")
-
     # --- the loop ---------------------------------------------------------------------------------
 
-    def _on_signal(self, signum, frame) -> None:
-        if self._stop:  # a second Ctrl-C: stop without saving
-            raise KeyboardInterrupt
-        self._stop = True
-        self.log(f"received {signal.Signals(signum).name}: saving a checkpoint at the end of this step")
+    def train(self) -> TrainResult:
+        """Run until the step budget, a signal, or the time budget; save and return a summary.
+
+        One pass of the loop is one optimizer step (its lr from the schedule), its log record, then
+        the decisions: evaluate?, save?, stop? The stop reason is agreed by all ranks, so every rank
+        stops, and saves, at the same step."""
+        start, first_step, stopped = time.time(), self.step, "finished"
+        budget_s = 60 * self.cfg.max_minutes if self.cfg.max_minutes is not None else None
+        self._preflight()  # before the progress bar, so a refusal is the only thing printed
+        with self._session() as (bar, signals):
+            while self.step < self.total_steps:
+                out = self._guarded_step()  # lr, forward/backward, clip, update; non-finite and OOM guards
+                self._record_step(out, bar)  # metrics.jsonl (and trackers), progress bar
+                elapsed = time.time() - start
+                over_time = budget_s is not None and elapsed > budget_s
+                # Every rank stops at this same step, for the same reason, even if only one got the signal.
+                stop = STOP_REASONS[max_over_ranks(stop_wish(signals.requested, over_time), self.dist, self.device)]
+                at_eval = out.applied and self.step % self.cfg.eval_interval == 0
+                if at_eval and budget_s is not None:  # re-fit the schedule so its decay ends with the time
+                    self._fit_schedule(elapsed, self.step - first_step, budget_s, bar)
+                epoch_end = out.applied and bool(self.steps_per_epoch) and self.step % self.steps_per_epoch == 0
+                last = out.applied and self.step >= self.total_steps
+                improved = self._eval_and_plot() if at_eval or epoch_end or last else False
+                periodic = out.applied and self.step % self.cfg.save_interval == 0
+                if stop or last or epoch_end or improved or periodic:
+                    self.save(epoch_end=epoch_end, best=improved)
+                if stop:
+                    stopped = stop
+                    break
+        return TrainResult(self.step, self.best_val_loss, self.tokens_seen, time.time() - start, self.bad_steps,
+                           stopped)
+
+    # --- the pieces the loop calls ----------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    def _session(self) -> Iterator[tuple[Any, StopSignals]]:
+        """The progress bar, the experiment trackers and the signal handlers, for the length of a run."""
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                   disable=not self.progress)
+        trackers = (Trackers(self.cfg.log_to, self.out_dir, to_dict(self.config))
+                    if self.dist.is_main and self.cfg.log_to else None)
+        self.metrics.sinks = [trackers] if trackers else []
+        self.raw_model.train()
         try:
-            yield
+            with StopSignals(self.log) as signals:
+                yield bar, signals
         finally:
-            for s, handler in old.items():
-                signal.signal(s, handler)
+            bar.close()
+            if trackers:
+                trackers.close()
+            self.metrics.sinks = []
+
+    def _guarded_step(self) -> StepOutcome:
+        """train_step with out-of-memory turned into advice, and non-finite steps counted: after
+        `max_bad_steps` of them in a row, the last checkpoint is reloaded at half the LR (`roll_back`)."""
+        try:
+            out = self.train_step()
+        except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is a RuntimeError too
+            if not is_out_of_memory(e):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            raise CogniError(oom_advice(self._micro_shape, self.cfg, self.precision, self.dist.world_size)) from None
+        if out.applied:
+            self.bad_streak = 0
+        elif out.reason != "scaler_skip":
+            self.bad_steps += 1
+            self.bad_streak += 1
+            self.log(f"warning: step {self.step + 1} skipped ({out.reason.replace('_', ' ')}); "
+                     f"{self.bad_steps} so far")
+            if self.bad_streak >= self.cfg.max_bad_steps:
+                roll_back(self)
+        return out
 
     def _record_step(self, out: StepOutcome, bar: Any) -> None:
+        """The step's metrics.jsonl record (rank 0), and the progress bar every log_interval steps."""
         if not self.dist.is_main:
             return
         if not out.applied:
@@ -449,11 +346,19 @@ class Trainer:
             flops = flops_per_token(self.raw_model.config, seq_len)[1]
             rec["mfu"] = round(flops * tok_s / (self.peak_flops * self.dist.world_size), 4)
         self.metrics.write(rec)
-        if bar is not None:
-            bar.update(1)
-            if self.step % self.cfg.log_interval == 0 or self.step == 1:
-                bar.set_postfix(epoch=self.epoch + 1, loss=f"{out.loss:.4f}", lr=f"{out.lr:.2e}",
-                                tok_s=f"{tok_s:,.0f}", refresh=False)
+        bar.update(1)
+        if self.step % self.cfg.log_interval == 0 or self.step == 1:
+            bar.set_postfix(epoch=self.epoch + 1, loss=f"{out.loss:.4f}", lr=f"{out.lr:.2e}",
+                            tok_s=f"{tok_s:,.0f}", refresh=False)
+
+    def _fit_schedule(self, elapsed: float, steps_taken: int, budget_s: float, bar: Any) -> None:
+        """Shorten the schedule so it ends within the time budget (the smallest fit over ranks)."""
+        fit = min_over_ranks(fit_to_budget(self.step, steps_taken, elapsed, budget_s, self.total_steps),
+                             self.dist, self.device)
+        if fit < self.total_steps:
+            self.total_steps = fit
+            bar.total = fit
+            bar.refresh()
 
     def _eval_and_plot(self) -> bool:
         """Evaluate, log, redraw the loss curve; True when the val loss is a new best."""
@@ -470,94 +375,13 @@ class Trainer:
             self.log(f"step {self.step}: val loss {val:.4f}{' (best)' if improved else ''}")
         return improved
 
-    def train(self) -> TrainResult:
-        """Run until the step budget, a signal, or the time budget; save and return a summary."""
-        from tqdm import tqdm
-
-        start, first_step = time.time(), self.step
-        budget_s = 60 * self.cfg.max_minutes if self.cfg.max_minutes is not None else None
-        stopped = "finished"
-        self._preflight()  # before the progress bar, so a refusal is the only thing printed
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not self.progress)
-        trackers = (Trackers(self.cfg.log_to, self.out_dir, to_dict(self.config))
-                    if self.dist.is_main and self.cfg.log_to else None)
-        self.metrics.sinks = [trackers] if trackers else []
-        self.raw_model.train()
-        try:
-            with self._signals():
-                while self.step < self.total_steps:
-                    out = self._guarded_step()
-                    self._record_step(out, bar)
-                    elapsed = time.time() - start
-                    over_time = budget_s is not None and elapsed > budget_s
-                    # 2: a signal reached some rank, 1: out of time. Every rank stops at this same step even
-                    # when the signal reached only one of them, and all name the same reason.
-                    stop = max_over_ranks(2 if self._stop else int(over_time), self.dist, self.device)
-                    saved = False
-                    if out.applied:
-                        if budget_s is not None and self.step % self.cfg.eval_interval == 0:
-                            self._fit_schedule(elapsed, self.step - first_step, budget_s, bar)
-                        epoch_end = bool(self.steps_per_epoch) and self.step % self.steps_per_epoch == 0
-                        last = self.step >= self.total_steps
-                        improved = False
-                        if self.step % self.cfg.eval_interval == 0 or epoch_end or last:
-                            improved = self._eval_and_plot()
-                        if stop or last or epoch_end or improved or self.step % self.cfg.save_interval == 0:
-                            self.save(epoch_end=epoch_end, best=improved)
-                            saved = True
-                    if stop:
-                        if not saved:
-                            self.save()
-                        stopped = "signal" if stop == 2 else "time"
-                        break
-        finally:
-            bar.close()
-            if trackers:
-                trackers.close()
-            self.metrics.sinks = []
-        return TrainResult(self.step, self.best_val_loss, self.tokens_seen, time.time() - start, self.bad_steps,
-                           stopped)
-
     def _preflight(self) -> None:
-        """Disk for the checkpoints and memory for the step, before the first step (see train/preflight.py)."""
-        one = checkpoint_bytes(self.raw_model, self.optimizer)
-        memory = run_memory(self.raw_model.config, self.cfg.batch_size, self.config.data.seq_len, self.precision)
-        if self.fsdp:
-            memory //= self.dist.world_size
-        warnings, refusal = preflight_check(out_dir=self.out_dir, one_checkpoint=one, keep=self.cfg.keep_last,
-                                            memory_needed=memory, device=self.device, force=self.force)
-        if self.dist.is_main:
-            for w in warnings:
-                self.log(w)
+        """Disk for the checkpoints and memory for the step, before the first step; a refusal on any rank
+        stops every rank (the check itself: train/preflight.py)."""
+        warnings, refusal = preflight_findings(self.raw_model, self.optimizer, self.cfg, self.config.data.seq_len,
+                                               self.precision, self.dist.world_size if self.fsdp else 1,
+                                               self.out_dir, self.device, force=self.force)
+        for w in warnings:
+            self.log(w)  # rank 0 only
         if max_over_ranks(int(refusal is not None), self.dist, self.device):
             raise CogniError(refusal or "Another rank's pre-flight check refused this run; see its message.")
-
-    def _fit_schedule(self, elapsed: float, steps_taken: int, budget_s: float, bar: Any) -> None:
-        """Shorten the schedule so it ends within the time budget (the same on every rank)."""
-        fit = fit_to_budget(self.step, steps_taken, elapsed, budget_s, self.total_steps)
-        fit = -max_over_ranks(-fit, self.dist, self.device)  # the smallest over ranks
-        if fit < self.total_steps:
-            self.total_steps = fit
-            bar.total = fit
-            bar.refresh()
-
-    def _guarded_step(self) -> StepOutcome:
-        """train_step with out-of-memory turned into advice and non-finite steps counted."""
-        try:
-            out = self.train_step()
-        except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is a RuntimeError too
-            if not is_out_of_memory(e):
-                raise
-            self.optimizer.zero_grad(set_to_none=True)
-            raise CogniError(oom_advice(self._micro_shape, self.cfg, self.precision, self.dist.world_size)) from None
-        if out.applied:
-            self.bad_streak = 0
-        elif out.reason != "scaler_skip":
-            self.bad_steps += 1
-            self.bad_streak += 1
-            self.log(f"warning: step {self.step + 1} skipped ({out.reason.replace('_', ' ')}); "
-                     f"{self.bad_steps} so far")
-            if self.bad_streak >= self.cfg.max_bad_steps:
-                self._rollback()
-        return out
