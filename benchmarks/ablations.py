@@ -20,8 +20,7 @@ import argparse
 import dataclasses
 import math
 
-import torch
-from common import RunSpec, machine, markdown_table, measure_all, mib, summarise
+from common import RunSpec, add_machine_args, machine, markdown_table, measure_all, mib, summarise
 
 # The seed's claims: (speedup, memory saving), as its documents state them.
 CLAIMS = {
@@ -102,7 +101,6 @@ def decode_table(results: dict[str, dict], spec: RunSpec) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="nano")
     p.add_argument("--precision", choices=["bf16", "fp16"], help="mixed precision (default: fp16 on CUDA, else bf16)")
@@ -112,9 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per run (median)")
     p.add_argument("--repeats", type=int, default=3, help="runs of every configuration, in turns")
     p.add_argument("--new-tokens", type=int, default=64, help="decode steps in the KV-cache table")
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    add_machine_args(p)
     p.add_argument("--quick", action="store_true", help="CI size: batch 2 x 64, accumulation 4, 1 repeat")
     args = p.parse_args(argv)
     if args.quick:

@@ -1,10 +1,11 @@
 """Shared pieces of the training benchmarks.
 
-- `TrainStep`: one optimizer step on synthetic tokens (AdamW with the trainer's decay groups, autocast
-  bf16/fp16 or fp32 (TF32 matmuls on CUDA, as the trainer), GradScaler for fp16, gradient clipping,
-  optional `torch.compile`), so the benchmarks need no data files and work for our model and for
-  transformers' Llama alike. Our model trains on its loss alone (`return_logits=False`), as the
-  trainer does; `RunSpec(loss="logits")` measures the old path that kept the full logits.
+- `bench_trainer`: the Trainer's own optimizer step (`Trainer.train_step`: its AdamW over its decay
+  groups, autocast, GradScaler for fp16, clipping, TF32 and `torch.compile` as `build_trainer` sets
+  them) on synthetic tokens at a constant lr, so the benchmarks need no data files. transformers'
+  Llama runs through the same step behind `LlamaLoss` (the call our model answers); our model trains
+  on its loss alone (`return_logits=False`), and `RunSpec(loss="logits")` runs it behind `WithLogits`,
+  the old path that kept the full logits.
 - `alternate` / `median`: time several candidates in turns, so load on a shared machine hits all alike.
 - `RunSpec` / `measure` / `run_isolated`: one configuration measured in a fresh process, because a
   process's peak RSS only grows (on CUDA `max_memory_allocated` is reset instead, so GPU runs can stay
@@ -24,6 +25,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable
@@ -38,44 +40,46 @@ if str(REPO) not in sys.path:  # run as `python benchmarks/x.py` without an inst
     sys.path.insert(0, str(REPO))
 
 from cogni_mamba import model as model_module  # noqa: E402
-from cogni_mamba.config import ModelConfig, preset  # noqa: E402
+from cogni_mamba.config import Config, ModelConfig, TrainConfig, preset  # noqa: E402
 from cogni_mamba.model import IGNORE_INDEX, CogniMamba  # noqa: E402
-from cogni_mamba.train.optim import param_groups  # noqa: E402
-from cogni_mamba.train.precision import configure_matmul  # noqa: E402
+from cogni_mamba.train import build_trainer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --- the training step ---------------------------------------------------------------------------
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast to bf16/fp16, or nothing for fp32."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
-
-
-def make_optimizer(model: torch.nn.Module, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainer's groups (decay on matrices): fused kernel on CUDA, foreach elsewhere."""
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, 0.1), lr=1e-4, fused=fused or None,
-                             foreach=None if fused else True)
-
-
 def ours_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return model(x, y, return_logits=False)[1]
-
-
-def ours_loss_with_logits(model, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The training step before the loss-only path: full logits (kept until after backward, as the
-    trainer's `_, loss = model(x, y)` kept them) and a cross-entropy over their fp32 copy."""
-    return model(x, y)
 
 
 def hf_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # transformers shifts `labels` itself and ignores the last position: labels=x scores the same
     # T-1 next-token pairs as our (x, y) with y's last entry set to -100 (see `synthetic_batch`).
     return model(input_ids=x, labels=x).loss
+
+
+class LlamaLoss(torch.nn.Module):
+    """transformers' LlamaForCausalLM answering the Trainer's call: `(x, y, return_logits=False) -> (None, loss)`."""
+
+    def __init__(self, hf: torch.nn.Module):
+        super().__init__()
+        self.hf = hf
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, return_logits: bool = True):
+        return None, hf_loss(self.hf, x, y)
+
+
+class WithLogits(torch.nn.Module):
+    """Our model through the training step before the loss-only path: the full logits come back (and the
+    Trainer's step holds them until after backward) with a cross-entropy over their fp32 copy."""
+
+    def __init__(self, model: CogniMamba):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, return_logits: bool = True):
+        return self.model(x, y)
 
 
 def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, device: torch.device):
@@ -86,41 +90,20 @@ def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, device: tor
     return ids.to(device), y.to(device)
 
 
-class TrainStep:
-    """`step(micro_batches)`: forward/backward on each, then one clipped AdamW update; returns the mean loss.
+def bench_trainer(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
+                  device: torch.device, *, compile: bool = False, model_config: ModelConfig | None = None):
+    """A Trainer (from `build_trainer`) whose `train_step()` is one optimizer step over `batches` as its
+    micro-batches (AdamW, lr 1e-4 held constant, weight decay 0.1, clip 1.0); nothing is written.
 
-    For fp16, `skipped` counts the steps the GradScaler skipped (inf/NaN gradients: the scale dropped)
-    and `scaler.get_scale()` is the loss scale now.
-    """
-
-    def __init__(self, model: torch.nn.Module, precision: str, device: torch.device, *,
-                 loss_fn: Callable = ours_loss, compile: bool = False):
-        self.model, self.precision, self.device, self.loss_fn = model, precision, device, loss_fn
-        configure_matmul(precision, device)
-        self.forward = torch.compile(model) if compile else model
-        self.optimizer = make_optimizer(model, device)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.skipped = 0
-
-    def __call__(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-        n = len(micro_batches)
-        total = 0.0
-        for x, y in micro_batches:
-            with autocast(self.precision, self.device):
-                out = self.loss_fn(self.forward, x, y)
-            kept, loss = out if isinstance(out, tuple) else (None, out)
-            self.scaler.scale(loss / n).backward()
-            del kept
-            total += loss.detach()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        if self.scaler.is_enabled() and self.scaler.get_scale() < scale:
-            self.skipped += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        return float(total) / n  # float() waits for the device, so a timed step is a whole step
+    `model` is our CogniMamba, or an adapter (`LlamaLoss`, `WithLogits`) with the same call;
+    `model_config` (default `model.config`) is the shape the Trainer records in its Config."""
+    B = batches[0][0].shape[0]
+    cfg = TrainConfig(batch_size=B, grad_accum=len(batches), max_steps=10**9, lr=1e-4, min_lr=1e-4, warmup_steps=0,
+                      weight_decay=0.1, grad_clip=1.0, precision=precision, compile=compile, log_to=[])
+    config = Config(model=model_config or model.config, train=cfg)
+    unused = Path(tempfile.gettempdir()) / f"cogni-bench-{os.getpid()}-never-written"
+    return build_trainer(model, batches, None, cfg, config=config, out_dir=unused, device=device, progress=False,
+                         log=lambda m: None)
 
 
 # --- timing --------------------------------------------------------------------------------------
@@ -155,6 +138,14 @@ def alternate(candidates: dict[str, Callable[[], object]], repeats: int, device:
         for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(timed(candidates[name], device, clock))
     return times
+
+
+def add_machine_args(p) -> None:
+    """The options every training benchmark takes: --device, --threads and --clock (see CLOCKS)."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                   help="wall: elapsed time; cpu: process CPU time (use with --threads 1 on a busy machine)")
 
 
 def median(values: list[float]) -> float:
@@ -242,20 +233,24 @@ def rss_bytes() -> int:
 
 
 def _train(spec: RunSpec, model: CogniMamba, device: torch.device) -> dict:
-    loss_fn = ours_loss if spec.loss == "fused" else ours_loss_with_logits
-    step = TrainStep(model, spec.precision, device, compile=spec.compile, loss_fn=loss_fn)
     vocab = model.config.vocab_size
     batches = [synthetic_batch(vocab, spec.batch, spec.seq_len, seed=i, device=device) for i in range(spec.accum)]
-    first = timed(lambda: step(batches), device)  # includes compilation when compiling
+    stepped = model if spec.loss == "fused" else WithLogits(model)
+    trainer = bench_trainer(stepped, batches, spec.precision, device, compile=spec.compile, model_config=model.config)
+    outcomes = []
+
+    def step() -> None:
+        outcomes.append(trainer.train_step())  # its float(loss) waits for the device: a timed step is whole
+
+    first = timed(step, device)  # includes compilation when compiling
     for _ in range(spec.warmup - 1):
-        step(batches)
-    losses: list[float] = []
-    times = [timed(lambda: losses.append(step(batches)), device, spec.clock) for _ in range(spec.steps)]
+        step()
+    times = [timed(step, device, spec.clock) for _ in range(spec.steps)]
     t = median(times)
     return {"step_s": t, "tokens_per_s": spec.batch * spec.seq_len * spec.accum / t, "first_step_s": first,
-            "step_times": times, "last_loss": losses[-1] if losses else math.nan,
-            "loss_scale": step.scaler.get_scale() if step.scaler.is_enabled() else None,
-            "skipped_steps": step.skipped}
+            "step_times": times, "last_loss": outcomes[-1].loss if spec.steps else math.nan,
+            "loss_scale": trainer.scaler.get_scale() if trainer.scaler.is_enabled() else None,
+            "skipped_steps": sum(not o.applied for o in outcomes)}
 
 
 @torch.inference_mode()
@@ -284,7 +279,7 @@ def _warm_libraries(spec: RunSpec, device: torch.device) -> None:
     with device:
         tiny = CogniMamba(cfg)
     with attention_impl(spec.attention):
-        TrainStep(tiny, spec.precision, device)([synthetic_batch(256, 2, 64, 0, device)])
+        bench_trainer(tiny, [synthetic_batch(256, 2, 64, 0, device)], spec.precision, device).train_step()
 
 
 def measure(spec: RunSpec) -> dict:

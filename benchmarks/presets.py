@@ -18,7 +18,16 @@ import argparse
 import math
 
 import torch
-from common import RunSpec, machine, markdown_table, measure_all, mib, model_config, summarise
+from common import (
+    RunSpec,
+    add_machine_args,
+    machine,
+    markdown_table,
+    measure_all,
+    mib,
+    model_config,
+    summarise,
+)
 
 from cogni_mamba.config import PRESETS
 from cogni_mamba.model import CogniMamba
@@ -65,7 +74,6 @@ def preset_table(specs: dict[str, RunSpec], results: dict[str, dict], mixed: boo
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default: bf16")
@@ -73,9 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, help="one sequence length for every preset (default 512 on GPU)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per run (median)")
     p.add_argument("--repeats", type=int, default=1, help="runs per preset, in turns")
-    p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    add_machine_args(p)
     p.add_argument("--quick", action="store_true", help="CI size: nano and tiny at tiny shapes")
     args = p.parse_args(argv)
     args.precision = args.precision or "bf16"

@@ -1,8 +1,9 @@
 """Training throughput: our training step against transformers' LlamaForCausalLM on the same weights.
 
 Both models get the identical config and weights (a plain key map), the same synthetic batch, the
-same precision and the same optimizer step (`common.TrainStep`: AdamW foreach/fused, autocast,
-gradient clipping). transformers uses its SDPA attention. Before timing, the two losses are checked
+same precision and the same optimizer step: the Trainer's own (`Trainer.train_step` from
+`build_trainer`: AdamW foreach/fused, autocast, gradient clipping), transformers' model behind
+`common.LlamaLoss`, which answers the Trainer's call. transformers uses its SDPA attention. Before timing, the two losses are checked
 to agree, so the same maths is timed. Steps alternate between the two models (A B B A ...), and the
 medians give tokens/s and the ratio. On a machine shared with other jobs, `--threads 1 --clock cpu`
 times the process's CPU time, which counts the work done rather than time spent descheduled.
@@ -27,9 +28,11 @@ import time
 
 import torch
 from common import (
+    LlamaLoss,
     RunSpec,
-    TrainStep,
+    add_machine_args,
     alternate,
+    bench_trainer,
     hf_loss,
     machine,
     markdown_table,
@@ -67,15 +70,16 @@ def compare(preset_name: str, precision: str, batch: int, seq_len: int, steps: i
     hf.config.use_cache = False  # no KV cache while training
     data = synthetic_batch(ours.config.vocab_size, batch, seq_len, seed=1, device=device)
     check_same_loss(ours, hf, data)
-    steps_ours = TrainStep(ours, precision, device, compile=compile in ("ours", "both"))
-    steps_hf = TrainStep(hf, precision, device, loss_fn=hf_loss, compile=compile == "both")
+    steps_ours = bench_trainer(ours, [data], precision, device, compile=compile in ("ours", "both"))
+    steps_hf = bench_trainer(LlamaLoss(hf), [data], precision, device, compile=compile == "both",
+                             model_config=ours.config)
     first = {}
-    for name, step in (("ours", steps_ours), ("hf", steps_hf)):
+    for name, trainer in (("ours", steps_ours), ("hf", steps_hf)):
         t0 = time.perf_counter()
-        step([data])  # warm-up (and compilation)
+        trainer.train_step()  # warm-up (and compilation)
         first[name] = time.perf_counter() - t0
-        step([data])
-    times = alternate({"ours": lambda: steps_ours([data]), "hf": lambda: steps_hf([data])}, steps, device, clock)
+        trainer.train_step()
+    times = alternate({"ours": steps_ours.train_step, "hf": steps_hf.train_step}, steps, device, clock)
     tokens = batch * seq_len
     return {"ours": tokens / median(times["ours"]), "hf": tokens / median(times["hf"]),
             "first_ours": first["ours"], "first_hf": first["hf"]}
@@ -114,10 +118,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed steps per model (alternated)")
     p.add_argument("--compile", choices=["none", "ours", "both"], default="none",
                    help="torch.compile our model only, or both (the first-step column shows compile time)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
-                   help="wall: elapsed time; cpu: process CPU time (use with --threads 1 on a busy machine)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_machine_args(p)
     p.add_argument("--ours-only", action="store_true", help="our step alone: tokens/s, MFU, peak memory")
     p.add_argument("--quick", action="store_true", help="CI size: nano only, batch 4 x 64, 3 steps")
     args = p.parse_args()
@@ -128,7 +129,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     print(f"machine: {machine()}")
-    print(f"step: AdamW ({'fused' if device.type == 'cuda' else 'foreach'}), clip 1.0, synthetic tokens; "
+    print(f"step: the Trainer's (AdamW {'fused' if device.type == 'cuda' else 'foreach'}, clip 1.0), synthetic tokens; "
           f"compile: {args.compile}; {args.clock} clock; median of {args.steps} alternated steps\n")
     if args.ours_only:
         rows = ours_only(args, device)

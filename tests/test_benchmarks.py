@@ -1,8 +1,10 @@
 """Benchmarks: the naive attention is the same maths as SDPA, the HF copy computes our loss, timing
-alternates, and the ablation / preset / throughput scripts print complete tables of finite numbers."""
+alternates, the benchmarks time the Trainer's own step, and the ablation / preset / throughput scripts
+print complete tables whose numbers agree with each other and with counts made here."""
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import subprocess
@@ -19,7 +21,7 @@ sys.path.insert(0, str(BENCH))
 
 import common  # noqa: E402
 
-from cogni_mamba.config import ModelConfig  # noqa: E402
+from cogni_mamba.config import ModelConfig, preset  # noqa: E402
 from cogni_mamba.model import CogniMamba  # noqa: E402
 
 SMALL = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, hidden_dim=96, max_seq_len=32)
@@ -79,15 +81,46 @@ def test_llama_copy_has_our_loss_and_synthetic_targets_match_hf_shift():
     torch.testing.assert_close(theirs, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_train_step_with_accumulation_equals_one_big_batch_update():
-    a, b = CogniMamba(SMALL), CogniMamba(SMALL)
-    b.load_state_dict(a.state_dict())
+def test_bench_step_is_one_clipped_adamw_update_for_ours_and_for_llama():
+    # The benchmark step (the Trainer's own) against one written here: cross-entropy, backward, clip to
+    # norm 1, AdamW (lr 1e-4, decay 0.1 on matrices only). transformers' copy goes through the same step.
+    from cogni_mamba.export import to_transformers
+
     cpu = torch.device("cpu")
+    ours = CogniMamba(SMALL)
+    ref, hf = copy.deepcopy(ours), to_transformers(copy.deepcopy(ours))
     x, y = common.synthetic_batch(SMALL.vocab_size, 4, 16, seed=1, device=cpu)
-    common.TrainStep(a, "fp32", cpu)([(x, y)])
-    common.TrainStep(b, "fp32", cpu)([(x[:2], y[:2]), (x[2:], y[2:])])
-    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
-        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6, msg=name)
+    got = common.bench_trainer(ours, [(x[:2], y[:2]), (x[2:], y[2:])], "fp32", cpu).train_step()
+    got_hf = common.bench_trainer(common.LlamaLoss(hf), [(x, y)], "fp32", cpu, model_config=SMALL).train_step()
+
+    loss = F.cross_entropy(ref(x).reshape(-1, SMALL.vocab_size), y.reshape(-1), ignore_index=-100)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    params = list(ref.parameters())
+    torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=1e-4).step()
+
+    assert got.applied and got_hf.applied
+    want_loss = float(loss.detach())
+    assert got.loss == pytest.approx(want_loss, rel=1e-5) and got_hf.loss == pytest.approx(want_loss, rel=1e-5)
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    want = to_transformers(ref).state_dict()
+    for name, t in hf.state_dict().items():
+        torch.testing.assert_close(t, want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_measure_times_the_trainers_own_step(monkeypatch):
+    from cogni_mamba.train import Trainer
+
+    calls = []
+    original = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self: calls.append(1) or original(self))
+    spec = common.RunSpec(preset="nano", batch=1, seq_len=16, steps=2, warmup=2, precision="fp32")
+    result = common.measure(spec)
+    assert len(calls) == 1 + spec.warmup + spec.steps  # the library warm-up, then the measured model's steps
+    assert len(result["step_times"]) == spec.steps and result["tokens_per_s"] > 0
+    assert math.isfinite(result["last_loss"]) and result["skipped_steps"] == 0
 
 
 def test_alternate_takes_turns_and_flips_the_order():
@@ -122,6 +155,18 @@ def number(cell: str) -> float:
     return float(m.group().replace(",", ""))
 
 
+def mebibytes(cell: str) -> float:
+    """A table's memory cell ("1,234 KiB" or "12.3 MiB") in MiB."""
+    return number(cell) / (1024 if cell.endswith("KiB") else 1)
+
+
+def closed_form_params(c) -> int:
+    """Parameters of the Llama block stack counted by hand: tied embedding, per layer wq wo (d x d), wk wv
+    (d x kv_dim), w1 w2 w3 (d x ffn), two norms; the final norm."""
+    per_layer = 2 * c.dim * c.dim + 2 * c.dim * c.kv_dim + 3 * c.dim * c.ffn_dim + 2 * c.dim
+    return c.vocab_size * c.dim * (1 if c.tie_embeddings else 2) + c.n_layers * per_layer + c.dim
+
+
 def assert_finite(rows: list[list[str]], columns: list[int]) -> None:
     for row in rows:
         for c in columns:
@@ -137,11 +182,17 @@ def test_ablations_quick_prints_every_row_with_finite_numbers():
         assert sum(label.startswith(start) for label in labels) == 1, labels
     assert_finite(rows, [1, 2, 3, 4, 5, 6])
     assert all(number(r[1]) > 0 and number(r[4]) > 0 for r in rows)
+    for r in rows:  # speedup = tok/s on / tok/s off, saving = 1 - peak on / peak off (as printed, rounded)
+        assert number(r[3]) == pytest.approx(number(r[1]) / number(r[2]), abs=0.01 + 0.01 * number(r[3]))
+        assert number(r[6]) == pytest.approx(100 * (1 - mebibytes(r[4]) / mebibytes(r[5])), abs=1.5)
     decode = table_rows(out, "attention")
     assert [r[0] for r in decode] == ["GQA", "MHA"]
     assert_finite(decode, [2, 3])
-    # n_kv_heads / n_heads = 2 / 8 in the nano preset: GQA keeps a quarter of MHA's cache.
-    assert "GQA's KV cache is 0.25 of MHA's" in out
+    nano = preset("nano").model
+    assert mebibytes(decode[0][2]) / mebibytes(decode[1][2]) == pytest.approx(nano.n_kv_heads / nano.n_heads,
+                                                                             rel=0.02)
+    share = float(re.search(r"GQA's KV cache is ([\d.]+) of MHA's", out).group(1))
+    assert share == pytest.approx(nano.n_kv_heads / nano.n_heads, abs=0.005)
 
 
 @pytest.mark.slow
@@ -150,7 +201,8 @@ def test_presets_quick_prints_every_row_with_finite_numbers():
     rows = table_rows(out, "preset")
     assert [r[0] for r in rows] == ["nano", "tiny"]
     assert_finite(rows, [1, 3, 6, 7, 8])
-    assert rows[0][1] == "4.1M" and rows[1][1] == "75.8M"  # README's closed-form counts: 4,065,536 and 75,802,368
+    for row, name in zip(rows, ["nano", "tiny"], strict=True):
+        assert number(row[1]) == pytest.approx(closed_form_params(preset(name).model) / 1e6, abs=0.05), row
 
 
 @pytest.mark.slow
@@ -159,6 +211,8 @@ def test_train_throughput_quick_prints_a_ratio_per_precision():
     rows = table_rows(out, "preset")
     assert [(r[0], r[1]) for r in rows] == [("nano", "fp32"), ("nano", "bf16")]
     assert_finite(rows, [3, 4, 5])
+    for r in rows:  # the ratio column is ours / transformers
+        assert number(r[5]) == pytest.approx(number(r[3]) / number(r[4]), abs=0.01 + 0.01 * number(r[5]))
 
 
 def test_gpu_check_refuses_clearly_without_cuda(tmp_path):
