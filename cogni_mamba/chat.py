@@ -46,7 +46,8 @@ class Chatbot:
     """A conversation with a model: `reply(message)` streams the answer, `chat(message)` returns it whole."""
 
     def __init__(self, model, tokenizer, generation: GenerationConfig | None = None, *,
-                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, engine: Engine | None = None):
+                 system_prompt: str | None = DEFAULT_SYSTEM_PROMPT, engine: Engine | None = None,
+                 threads: int | str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.settings = generation or GenerationConfig()
@@ -54,8 +55,8 @@ class Chatbot:
         self.turns: list[Message] = []
         self.finish_reason: str | None = None  # "stop", "length" or "cancelled" once a reply has ended
         self.stop_ids = frozenset(tokenizer.chat_stop_ids)
-        # One conversation needs one cache row; the engine runs inline as the reply is read.
-        self.engine = engine or Engine(model, max_batch=1, bos_id=tokenizer.bos_id)
+        # One conversation needs one cache row; the engine runs inline as the reply is read (threads: see Engine).
+        self.engine = engine or Engine(model, max_batch=1, bos_id=tokenizer.bos_id, threads=threads)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", *, dtype: str = "auto", **kwargs) -> Chatbot:

@@ -472,3 +472,53 @@ def test_a_stop_string_in_tokens_made_before_the_reader_sees_them_still_ends_wit
     assert request.finish_reason == "length"  # made in full before anyone read it
     got = "".join(stream_text(request, SimpleTokenizer().stream_decoder(), [stop]))
     assert got == text[:text.find(stop)] and request.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(("costs", "expected"), [({1: 0.004, 2: 0.002}, 2), ({1: 0.002, 2: 0.004}, 1),
+                                                  ({1: 0.003, 2: 0.0029}, 1)])
+def test_thread_choice_keeps_the_fastest_count_and_the_fewest_threads_on_a_near_tie(costs, expected):
+    from cogni_mamba.inference.threads import choose_threads
+
+    before = torch.get_num_threads()
+    try:
+        chosen = choose_threads(lambda: time.sleep(costs[torch.get_num_threads()]), [1, 2])
+        assert chosen == expected and torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_auto_threads_are_measured_on_the_engine_thread_and_the_tokens_do_not_change():
+    model = byte_model()
+    engine = Engine(model, max_batch=3, threads="auto").start()
+    try:
+        got = list(engine.submit(list(b"threads"), greedy_settings(12)))
+        assert engine.stats().threads in (1, max(1, torch.get_num_threads() // 2), torch.get_num_threads())
+    finally:
+        engine.stop()
+    assert got == naive_greedy(model, list(b"threads"), 12)
+    assert engine.stats().active == 0
+
+
+def test_a_request_arriving_during_a_prefill_is_prefilled_before_the_decode_pass():
+    model = byte_model()
+    engine = Engine(model, max_batch=3)
+    running = engine.submit(list(b"one"), greedy_settings(10))
+    engine.step()  # prefill (first token) and one decode pass
+    joining = engine.submit(list(b"two"), greedy_settings(10))
+    late: list = []
+    real_forward = model.forward
+
+    def forward(ids, **kwargs):  # a prefill pass: another request arrives while it runs
+        if ids.shape[1] > 1 and not late:
+            late.append(engine.submit(list(b"three!"), greedy_settings(10)))
+        return real_forward(ids, **kwargs)
+
+    model.forward = forward
+    try:
+        engine.step()
+    finally:
+        model.forward = real_forward
+    # the late request was admitted and prefilled in the same step, then all three decoded once
+    assert (running.generated, joining.generated, late[0].generated) == (3, 2, 2)
+    for request, prompt in ((running, b"one"), (joining, b"two"), (late[0], b"three!")):
+        assert list(request) == naive_greedy(model, list(prompt), 10)

@@ -31,7 +31,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="weights' dtype (default auto: bf16 on CPUs and GPUs that compute it natively, else fp32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads torch uses per operation (default: torch's choice)")
+                   help="CPU threads per operation of the engine's steps (default: the fastest of 1, half and all "
+                        "of torch's threads, timed at start-up)")
     p.add_argument("--model-name", default=None, help="the model id /v1/models reports (default: from the path)")
     p.add_argument("--shutdown-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, how long in-flight requests may take to finish (default 120)")
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     max_batch = args.max_batch or (8 if device.type == "cpu" else 32)
     service = Service.from_checkpoint(args.checkpoint, device, name=args.model_name, dtype=args.dtype,
-                                      max_batch=max_batch, queue_size=args.queue_size)
+                                      max_batch=max_batch, queue_size=args.queue_size, threads=args.threads or "auto")
     app = create_app(service, args.api_key)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     dtype = str(service.model.tok_embeddings.weight.dtype).removeprefix("torch.")

@@ -8,8 +8,9 @@
 """
 
 from .cache import SlotCache
-from .engine import Engine, EngineBusy, EngineStats, Request, greedy_settings
+from .engine import Engine
 from .loading import DTYPE_CHOICES, load_model_for_inference
+from .request import EngineBusy, EngineStats, Request, greedy_settings
 from .text import TextStream, stream_text
 
 __all__ = ["DTYPE_CHOICES", "Engine", "EngineBusy", "EngineStats", "Request", "SlotCache", "TextStream",

@@ -5,8 +5,11 @@ scheduler iteration (`step`) does, in order:
 
 1. drop cancelled rows, freeing their slots;
 2. admit queued requests first come, first served, while slots are free (`max_batch` rows in all);
-3. prefill at most `prefill_chunk` prompt tokens of joining requests (a long prompt takes several
-   iterations, so the running rows keep getting tokens between its chunks);
+3. prefill at most `prefill_chunk` prompt tokens of joining requests, several in one forward pass (a
+   long prompt takes several iterations, so the running rows keep getting tokens between its chunks);
+   a request whose prompt is in the cache gets its first token at once, and requests that arrived
+   meanwhile are admitted and prefilled too while the budget lasts, before the decode pass (a new
+   request's first token does not wait for a decode pass of the others);
 4. one batched forward pass of one token for every decoding row, then per-row sampling with that
    request's own settings and generator; rows that finish leave at once.
 
@@ -16,14 +19,14 @@ is filled by moving the last one, so every forward pass runs on a contiguous ran
 
 Two ways to drive it, one code path: `start()` runs `step()` in one long-lived background thread
 (the server); without it, iterating a Request runs `step()` inline until that request has a token
-(the Chatbot, the CLI, evaluation).
+(the Chatbot, the CLI, evaluation). `threads` sets the intra-op thread count of the thread that runs
+the steps; "auto" measures a step at a few counts first (see threads.py).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import threading
 from collections.abc import Iterable, Sequence
 
@@ -31,144 +34,26 @@ import torch
 
 from ..config import GenerationConfig
 from ..errors import CogniError
-from ..generate import fit_prompt, make_generator, process_logits
+from ..generate import fit_prompt, make_generator
 from .cache import SlotCache
+from .request import EngineBusy, EngineStats, Request, _Group, _Row
+from .sampling import pick_tokens
+from .threads import fastest_thread_count
 
 DEFAULT_PREFILL_CHUNK = 256
 PREFILL_LOGITS = 2**24  # logits (rows x width x vocab) a batched prefill may make at once: 64 MiB in fp32
-
-
-class EngineBusy(CogniError):
-    """The queue of requests waiting for a slot is full; retry in a moment."""
-
-
-class Request:
-    """One generation: iterate it for its new token ids (blocking). Stop ids are never yielded.
-
-    `finish_reason` is None while it runs, then "stop" (a stop id, or a stop string seen by the text
-    layer), "length" (max_new_tokens, or the context is full) or "cancelled".
-    """
-
-    def __init__(self, engine: Engine, prompt: list[int], settings: GenerationConfig, stop_ids: frozenset[int],
-                 generator: torch.Generator | None):
-        self._engine = engine
-        self.prompt = prompt
-        self.settings = settings
-        self.stop_ids = stop_ids
-        self.generator = generator
-        self.finish_reason: str | None = None
-        self.completion_tokens = 0  # tokens handed to the reader
-        self.generated = 0  # tokens the engine has made (may run ahead of the reader)
-        self._ready: collections.deque[int] = collections.deque()
-        self._cancel: str | None = None
-        self._listener = None
-        self.error: BaseException | None = None  # why the engine failed it (finish_reason "error")
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt)
-
-    @property
-    def done(self) -> bool:
-        """True once no more tokens will come."""
-        return self.finish_reason is not None and not self._ready
-
-    def __iter__(self) -> Request:
-        return self
-
-    def __next__(self) -> int:
-        engine = self._engine
-        while True:
-            with engine._cond:
-                if self._ready:
-                    self.completion_tokens += 1
-                    return self._ready.popleft()
-                if self.error is not None:
-                    raise CogniError(f"Generation failed: {self.error}") from self.error
-                if self.finish_reason is not None:
-                    raise StopIteration
-                if engine.running:
-                    engine._cond.wait()
-                    continue
-            if not engine.step() and self.finish_reason is None:  # no background thread: this reader drives
-                raise RuntimeError("the engine has nothing to run but a request has not finished")
-
-    def take(self) -> tuple[list[int], bool]:
-        """Without blocking: the tokens made since the last call, and whether the request has ended."""
-        with self._engine._cond:
-            tokens = list(self._ready)
-            self._ready.clear()
-            self.completion_tokens += len(tokens)
-            return tokens, self.finish_reason is not None
-
-    def on_update(self, listener) -> None:
-        """Call `listener()` (from the engine's thread) whenever tokens arrive or the request ends."""
-        self._listener = listener
-
-    def cancel(self, reason: str = "cancelled") -> None:
-        """Stop generating: no more tokens are handed out, and the slot is freed at the next step."""
-        self._engine._cancel(self, reason)
-
-    # --- called by the engine, with its lock held ---
-
-    def _emit(self, token: int) -> None:
-        self.generated += 1
-        self._ready.append(token)
-
-    def _finish(self, reason: str) -> None:
-        if self.finish_reason is None:
-            self.finish_reason = reason
-
-    def _notify(self) -> None:
-        if self._listener is not None:
-            self._listener()
-
-
-@dataclasses.dataclass
-class _Group:
-    """Requests sharing one prompt: prefilled once into one row, then copied to one row per request."""
-
-    requests: list[Request]
-    prompt: list[int]
-    done: int = 0  # prompt tokens prefilled so far
-
-    @property
-    def live(self) -> list[Request]:
-        return [r for r in self.requests if r._cancel is None]
-
-
-@dataclasses.dataclass
-class _Row:
-    """What occupies one cache row: a prefilling group, or one decoding request with its next input token."""
-
-    group: _Group | None = None
-    request: Request | None = None
-    next_token: int = 0
-    seen: torch.Tensor | None = None  # (V,) bool: tokens in the context, for the repetition penalty
-
-
-@dataclasses.dataclass
-class EngineStats:
-    """A snapshot of the engine's counters."""
-
-    active: int  # cache rows in use (decoding and prefilling)
-    queued: int  # requests waiting for a slot
-    max_batch: int
-    max_queue: int
-    generated_tokens: int
-    completed_requests: int
-    prefill_tokens: int  # prompt tokens run through the model (n samples of one prompt count once)
-    steps: int
 
 
 class Engine:
     """Continuous batching for one model: `submit` requests from any thread, `step()` or `start()` to run them."""
 
     def __init__(self, model, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 bos_id: int | None = None, max_len: int | None = None):
+                 bos_id: int | None = None, max_len: int | None = None, threads: int | str | None = None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise CogniError(f"The engine needs max_batch >= 1, max_queue >= 0 and prefill_chunk >= 1; got "
                              f"{max_batch}, {max_queue} and {prefill_chunk}.")
+        if not (threads is None or threads == "auto" or (isinstance(threads, int) and threads >= 1)):
+            raise CogniError(f"threads must be a count >= 1, 'auto' or None; got {threads!r}.")
         self.model = model  # callers put it in eval mode (dropout would change every token)
         weight = model.tok_embeddings.weight
         self.device = weight.device
@@ -186,6 +71,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._generated = self._completed = self._prefilled = self._steps = 0
+        self._threads_wanted = threads
+        self.threads: int | None = threads if isinstance(threads, int) else None  # the count in use once chosen
+        self._threads_on: int | None = None  # ident of the thread whose count was last set
 
     # --- submitting -------------------------------------------------------------------------------
 
@@ -204,7 +92,7 @@ class Engine:
         ids = fit_prompt(prompt, self.max_len, settings.max_new_tokens, bos_id=self.bos_id, on_overflow=on_overflow)
         stops = frozenset(int(s) for s in stop_ids)
         requests = [Request(self, ids, settings, stops, None if settings.seed is None
-                            else make_generator(settings.seed + i, self.device)) for i in range(n)]
+                            else make_generator(settings.seed + i, self.device), index=i) for i in range(n)]
         with self._cond:
             queued = sum(len(g.live) for g in self._queue)
             free = self.max_batch - len(self._rows) - self._reserved
@@ -246,8 +134,8 @@ class Engine:
         with self._cond:
             if self._thread is None:
                 self._stopping = False
-                threads = torch.get_num_threads()
-                self._thread = threading.Thread(target=self._loop, args=(threads,), name="cogni-engine", daemon=True)
+                inherited = torch.get_num_threads()
+                self._thread = threading.Thread(target=self._loop, args=(inherited,), name="cogni-engine", daemon=True)
                 self._thread.start()
         return self
 
@@ -264,9 +152,11 @@ class Engine:
         with self._step_lock:  # a cancel that came after the last step frees its slot now
             self._drop_cancelled()
 
-    def _loop(self, threads: int) -> None:
-        # The intra-op thread count is per thread in torch's OpenMP backend: match the starting thread's.
-        torch.set_num_threads(threads)
+    def _loop(self, inherited: int) -> None:
+        # The intra-op thread count is per thread in torch's OpenMP backend: the starting thread's, unless set.
+        torch.set_num_threads(inherited)
+        with self._step_lock:
+            self._use_threads()
         while True:
             with self._cond:
                 while not self._stopping and not self._rows and not self._queue:
@@ -280,7 +170,19 @@ class Engine:
         with self._cond:
             return EngineStats(active=len(self._rows), queued=sum(len(g.live) for g in self._queue),
                                max_batch=self.max_batch, max_queue=self.max_queue, generated_tokens=self._generated,
-                               completed_requests=self._completed, prefill_tokens=self._prefilled, steps=self._steps)
+                               completed_requests=self._completed, prefill_tokens=self._prefilled, steps=self._steps,
+                               threads=self.threads)
+
+    def _use_threads(self) -> None:
+        """Set (with "auto": first measure) the intra-op thread count on the thread about to run steps (CPU)."""
+        if self._threads_wanted is None or self._threads_on == threading.get_ident() or self.device.type != "cpu":
+            return
+        if self.threads is None:  # "auto": measured once, on an empty cache
+            if self._rows:
+                return
+            self.threads = fastest_thread_count(self.model, self.cache)
+        torch.set_num_threads(self.threads)
+        self._threads_on = threading.get_ident()
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -288,6 +190,7 @@ class Engine:
         events: list[Request] = []
         with self._step_lock:
             try:
+                self._use_threads()
                 self._drop_cancelled()
                 self._admit()
                 if not self._rows:
@@ -306,8 +209,7 @@ class Engine:
         return True
 
     def _fail_all(self, error: BaseException) -> list[Request]:
-        """A step failed (e.g. out of memory) or was interrupted (Ctrl-C): every request in the cache ends, with
-        the error ("error") or as "cancelled"; queued requests wait on in an empty cache."""
+        """A step failed (out of memory: "error") or was cut short (Ctrl-C: "cancelled"): the cache's requests end."""
         interrupted = isinstance(error, KeyboardInterrupt)
         with self._cond:
             requests = [r for row in self._rows for r in ([row.request] if row.request else row.group.requests)]
@@ -333,15 +235,17 @@ class Engine:
                 if len(self._rows) + self._reserved + len(live) > self.max_batch:
                     return
                 self._queue.popleft()
-                row = len(self._rows)
-                self.cache.reset(row)
+                self.cache.reset(len(self._rows))
                 self._rows.append(_Row(group=group))
                 self._reserved += len(live) - 1
 
     def _prefill(self, events: list[Request]) -> None:
         """Run up to `prefill_chunk` prompt tokens of the joining rows, several rows in one forward pass."""
         budget = self.prefill_chunk
-        while budget > 0 and self._decoding < len(self._rows):
+        while budget > 0:
+            self._admit()  # requests that arrived during the last pass join before the decode pass
+            if self._decoding == len(self._rows):
+                return
             batch = self._prefill_batch(budget)
             start = self._decoding
             chunks = [group.prompt[group.done: group.done + size] for group, size in batch]
@@ -404,9 +308,8 @@ class Engine:
         rows = [i]
         for request in live[1:]:
             rows.append(self._add_decoding_copy(i, _Row(request=request, seen=None if seen is None else seen.clone())))
-        first: list[Request] = []
+        first: list[Request] = []  # handed out now, not after this step's decode pass: a shorter time to first token
         self._sample(rows, logits[None].expand(len(rows), -1), first)
-        # Hand the first tokens out now, not after this step's decode pass: a shorter time to first token.
         with self._cond:
             self._cond.notify_all()
         for request in first:
@@ -435,30 +338,9 @@ class Engine:
 
     def _sample(self, rows: list[int], logits: torch.Tensor, events: list[Request]) -> None:
         """Next token of each row with its request's settings; hand them out; finished rows leave."""
-        chosen = [0] * len(rows)
-        by_settings: dict[tuple, list[int]] = {}
-        for j, i in enumerate(rows):
-            s = self._rows[i].request.settings
-            key = (s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty)
-            by_settings.setdefault(key, []).append(j)
-        for members in by_settings.values():
-            settings = self._rows[rows[members[0]]].request.settings
-            if len(members) < len(rows):
-                group_logits = logits[torch.tensor(members, device=logits.device)]
-            else:
-                group_logits = logits  # one set of settings for the whole batch (the usual case): no gather
-            seen = None
-            if settings.repetition_penalty != 1.0:
-                seen = torch.stack([self._rows[rows[j]].seen for j in members])
-            processed = process_logits(group_logits, settings, seen)  # (m, V)
-            if settings.temperature == 0:
-                picks = processed.argmax(dim=-1).tolist()
-            else:
-                probs = torch.softmax(processed, dim=-1)
-                picks = [int(torch.multinomial(probs[k], 1, generator=self._rows[rows[j]].request.generator))
-                         for k, j in enumerate(members)]
-            for k, j in enumerate(members):
-                chosen[j] = picks[k]
+        requests = [self._rows[i].request for i in rows]
+        chosen = pick_tokens(logits, [r.settings for r in requests], [self._rows[i].seen for i in rows],
+                             [r.generator for r in requests])
         finished: list[int] = []
         with self._cond:
             for i, token in zip(rows, chosen, strict=True):
@@ -491,12 +373,10 @@ class Engine:
             gone = [i for i, row in enumerate(self._rows)
                     if (row.request is not None and row.request._cancel is not None)
                     or (row.group is not None and not row.group.live)]
-            for i in gone:
+            for i in gone:  # a prefilling group gives back its reserved rows; a decoding request is done
                 group = self._rows[i].group
-                if group is not None:
-                    self._reserved -= len(group.requests) - 1
-                else:
-                    self._completed += 1
+                self._reserved -= 0 if group is None else len(group.requests) - 1
+                self._completed += group is None
         for i in sorted(gone, reverse=True):
             self._remove(i)
 
@@ -517,7 +397,3 @@ class Engine:
             self.cache.copy_row(src, dst)
             self._rows[dst] = self._rows[src]
 
-
-def greedy_settings(max_new_tokens: int) -> GenerationConfig:
-    """Argmax decoding with no filters (for evaluation and references)."""
-    return GenerationConfig(temperature=0.0, top_k=None, top_p=None, min_p=None, max_new_tokens=max_new_tokens)

@@ -77,7 +77,7 @@ class ServerState:
         return {"status": "ok", "model": self.service.name, "active_generations": stats.active,
                 "queued": stats.queued, "max_batch": stats.max_batch, "max_concurrency": stats.max_batch,
                 "queue_size": stats.max_queue, "generated_tokens": self.generated_tokens,
-                "completed_requests": self.completed_requests}
+                "completed_requests": self.completed_requests, "threads": stats.threads}
 
 
 # --- running a job ------------------------------------------------------------------------------

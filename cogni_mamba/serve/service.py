@@ -24,14 +24,18 @@ class Service:
     """A model, its tokenizer, the checkpoint's default sampling settings and the engine that runs them."""
 
     def __init__(self, model, tokenizer, generation: GenerationConfig | None = None, *, name: str = "cogni-mamba",
-                 max_batch: int = DEFAULT_MAX_BATCH, queue_size: int = DEFAULT_QUEUE_SIZE):
+                 max_batch: int = DEFAULT_MAX_BATCH, queue_size: int = DEFAULT_QUEUE_SIZE,
+                 threads: int | str | None = "auto"):
         if tokenizer is None:
             raise CogniError("The server needs a tokenizer; use a checkpoint saved with its tokenizer/ folder.")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig()
         self.name = name
-        self.engine = Engine(model, max_batch=max_batch, max_queue=queue_size, bos_id=tokenizer.bos_id)
+        # threads "auto": the engine's thread times its step at 1, half and all of torch's threads and keeps the
+        # fastest (beside the event loop, a small model often runs faster on one thread than on two).
+        self.engine = Engine(model, max_batch=max_batch, max_queue=queue_size, bos_id=tokenizer.bos_id,
+                             threads=threads)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: Any = "cpu", *, name: str | None = None, dtype: str = "auto",

@@ -1,0 +1,40 @@
+"""Next tokens for a batch of rows that each carry their own sampling settings (one engine step).
+
+Rows with equal settings are processed together (`process_logits` on their slice of the logits); a
+sampled row draws from its own generator, so a seeded request gives the same tokens in any batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..config import GenerationConfig
+from ..generate import process_logits
+
+
+def pick_tokens(logits: torch.Tensor, settings: Sequence[GenerationConfig], seen: Sequence[torch.Tensor | None],
+                generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token per row of `logits` (n, V): row j with settings[j], seen[j] ((V,) bool, the tokens in its
+    context, for the repetition penalty) and generators[j] (None: torch's global generator)."""
+    chosen = [0] * len(settings)
+    by_settings: dict[tuple, list[int]] = {}
+    for j, s in enumerate(settings):
+        by_settings.setdefault((s.temperature, s.top_k, s.top_p, s.min_p, s.repetition_penalty), []).append(j)
+    for members in by_settings.values():
+        s = settings[members[0]]
+        if len(members) < len(settings):
+            group_logits = logits[torch.tensor(members, device=logits.device)]
+        else:
+            group_logits = logits  # one set of settings for the whole batch (the usual case): no gather
+        group_seen = torch.stack([seen[j] for j in members]) if s.repetition_penalty != 1.0 else None
+        processed = process_logits(group_logits, s, group_seen)  # (m, V)
+        if s.temperature == 0:
+            picks = processed.argmax(dim=-1).tolist()
+        else:
+            probs = torch.softmax(processed, dim=-1)
+            picks = [int(torch.multinomial(probs[k], 1, generator=generators[j])) for k, j in enumerate(members)]
+        for k, j in enumerate(members):
+            chosen[j] = picks[k]
+    return chosen

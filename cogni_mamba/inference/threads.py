@@ -1,0 +1,71 @@
+"""How many intra-op threads the engine's steps use on a CPU: measured once, on the thread that runs them.
+
+More threads are not always faster. A small model's matmuls are too small to split (nano's decode step
+on a 2-core CPU takes about twice as long on two threads), and a server's engine thread shares the cores
+with the HTTP event loop, so threads that spin-wait for each other lose twice. So the engine times its
+own step at each candidate count, alternating between them, and keeps the fastest (the fewest threads
+unless more are at least `MARGIN` faster).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+MARGIN = 0.1  # more threads must save at least this fraction of a step to be chosen
+ROUNDS = 3  # alternating measurements per candidate; the best of them counts
+TARGET_SECONDS = 0.02  # each measurement repeats the step until about this long
+
+
+def thread_candidates(available: int) -> list[int]:
+    """1, half of the available threads and all of them (distinct, ascending)."""
+    return sorted({1, max(1, available // 2), max(1, available)})
+
+
+def choose_threads(run_step: Callable[[], None], candidates: Sequence[int]) -> int:
+    """The candidate thread count whose `run_step()` is fastest on this thread; leaves that count set."""
+    candidates = sorted(set(candidates))
+    if len(candidates) == 1:
+        torch.set_num_threads(candidates[0])
+        return candidates[0]
+    repeats = {}
+    for n in candidates:  # warm-up (first-call allocations) and the repeat count for ~TARGET_SECONDS
+        torch.set_num_threads(n)
+        run_step()
+        start = time.perf_counter()
+        run_step()
+        repeats[n] = max(1, min(50, round(TARGET_SECONDS / max(time.perf_counter() - start, 1e-6))))
+    best = {n: float("inf") for n in candidates}
+    for _ in range(ROUNDS):  # alternate, so a burst of load elsewhere hits every candidate alike
+        for n in candidates:
+            torch.set_num_threads(n)
+            start = time.perf_counter()
+            for _ in range(repeats[n]):
+                run_step()
+            best[n] = min(best[n], (time.perf_counter() - start) / repeats[n])
+    chosen = candidates[0]
+    for n in candidates[1:]:
+        if best[n] < best[chosen] * (1 - MARGIN):
+            chosen = n
+    torch.set_num_threads(chosen)
+    return chosen
+
+
+@torch.inference_mode()
+def fastest_thread_count(model, cache) -> int:
+    """`choose_threads` for a one-token step of every row of an empty SlotCache (left empty again)."""
+    n = cache.max_batch
+    tokens = torch.zeros(n, 1, dtype=torch.long, device=cache.k.device)
+
+    def step() -> None:
+        for i in range(n):
+            cache.set_length(i, 0)
+        model(tokens, cache=cache.view(0, n), last_only=True)
+
+    try:
+        return choose_threads(step, thread_candidates(torch.get_num_threads()))
+    finally:
+        for i in range(n):
+            cache.set_length(i, 0)
