@@ -377,6 +377,28 @@ def metrics_records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+# --- construction ---------------------------------------------------------------------------------
+
+def test_build_trainer_removes_stale_temps_and_the_trainer_itself_touches_nothing(tmp_path):
+    from cogni_mamba.train import build_trainer
+
+    stale = tmp_path / "run" / ".tmp-step-3"
+    stale.mkdir(parents=True)
+    make_trainer(tmp_path)
+    assert stale.is_dir()
+    cfg = TrainConfig(batch_size=4, max_steps=2, precision="fp32", out_dir=str(tmp_path / "run"))
+    trainer = build_trainer(CogniMamba(tiny_model_config()), RandomTokens(4, 16, seed=1), None, cfg, device="cpu",
+                            progress=False, log=lambda m: None)
+    assert not stale.exists() and trainer.model is trainer.raw_model  # no process group, no compile: no wrapper
+
+
+def test_a_trainer_refuses_a_model_that_is_not_on_its_device(tmp_path):
+    with torch.device("meta"):
+        model = CogniMamba(tiny_model_config())
+    with pytest.raises(ValueError, match="build_trainer"):
+        make_trainer(tmp_path, model=model)
+
+
 # --- a time budget shortens the schedule ------------------------------------------------------------
 
 def test_fit_to_budget_by_hand():

@@ -68,10 +68,11 @@ class Trainer:
         self.dist = dist or current()
         self.raw_model, self.model = model, forward if forward is not None else model
         self.fsdp = is_sharded(model)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        if not self.fsdp and next(model.parameters()).device.type != self.device.type:
-            raise ValueError(f"The model is on {next(model.parameters()).device}, not {self.device}; "
-                             "build the trainer with build_trainer(...), which places it.")
+        where = next(model.parameters()).device
+        self.device = torch.device(device) if device is not None else where
+        if not self.fsdp and where.type != self.device.type:
+            raise ValueError(f"The model is on {where}, not {self.device}; build the trainer with "
+                             "build_trainer(...), which places it.")
         self.precision = resolve_precision(cfg.precision, self.device)
         # Batches of varying length (chat fine-tuning): one graph with a dynamic sequence dimension.
         self.dynamic_length = cfg.compile and bool(getattr(train_batches, "variable_length", False))
