@@ -11,7 +11,8 @@ windows; at the end the whole held-out split is scored in bits per byte (`evalua
 
 A recipe is OPTIMIZER:SCHEDULE:LR, or OPTIMIZER:SCHEDULE:LR:auto for a model sized by `cogni-mamba
 plan` for the time budget (with --minutes: then every recipe trains for that wall-clock time instead of
-a number of steps); the first one is the baseline:
+a number of steps), or OPTIMIZER:SCHEDULE:LR:depthN for the planner's depth-N model (to see where its
+pick stands among the rungs it did not take); the first one is the baseline:
 
     .venv/bin/python benchmarks/recipe.py                                     # nano: today's vs Muon + WSD
     .venv/bin/python benchmarks/recipe.py --recipes adamw:cosine:2e-3 muon:wsd:1e-3 muon:wsd:2e-3 \\
@@ -87,12 +88,18 @@ def worker(spec: dict) -> None:
     cfg = recipe_config(spec["preset"], spec["recipe"], spec["steps"], spec["minutes"], spec["overrides"], out,
                         Path(spec["data"]), tok.vocab_size, spec["precision"])
     start = time.perf_counter()
-    if spec["recipe"].endswith(":auto"):
+    sizing = spec["recipe"].split(":")[3:]
+    if sizing == ["auto"]:
         from cogni_mamba.plan import apply_plan, plan_for_budget
 
         plan = plan_for_budget(spec["minutes"], cfg, torch.device("cpu"))
         print(plan.describe(), flush=True)
         cfg = apply_plan(cfg, plan)
+    elif sizing and sizing[0].startswith("depth"):  # one rung of the planner's ladder, for comparison
+        from cogni_mamba.config import replace
+        from cogni_mamba.plan import model_at_depth
+
+        cfg = replace(cfg, model=model_at_depth(int(sizing[0][5:]), tok.vocab_size, cfg.data.seq_len))
     torch.manual_seed(cfg.train.seed)
     model = CogniMamba(cfg.model)
     T, B = cfg.data.seq_len, cfg.train.batch_size

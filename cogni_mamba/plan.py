@@ -12,7 +12,14 @@ the fit gives when tokens per second fall as 1 / N (FLOP-bound hardware at scale
 small models on a GPU, they fall much more slowly (a model 4x larger is far less than 4x slower),
 so the best model is larger than 20 tokens per parameter would say. The constants were fitted on
 another corpus and tokenizer, so the predicted values are not our losses; only where the sum is
-lowest is used. `benchmarks/recipe.py --auto-size` checks the pick against the fixed nano preset on
+lowest is used.
+
+Chinchilla's D is fresh tokens. When the prepared data is smaller than what a candidate would read
+in the budget, it repeats it, and a repeated token teaches less than a new one: D is replaced by the
+effective data of Muennighoff et al. (2023, "Scaling Data-Constrained Language Models"),
+D' = U + U R* (1 - exp(-R / R*)), for U unique tokens seen 1 + R times, with their fitted R* = 15.4.
+Without it a small model that loops over a small corpus many times looks better than it is (measured
+on the TinyStories sample in benchmarks/RESULTS.md). `benchmarks/recipe.py --auto-size` checks the pick against the fixed nano preset on
 held-out data.
 
 Memory is respected: a candidate whose training memory estimate (`stats.train_memory`) exceeds 90%
@@ -21,6 +28,7 @@ of what is free (RAM, or the GPU's free memory) is not taken.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -38,6 +46,7 @@ MIN_STEPS = 50  # a budget that cannot give the smallest model this many optimiz
 DEPTHS = (2, 3, 4, 5, 6, 8, 10, 12, 16, 20)
 EVAL_SHARE = 0.05  # of the budget spent evaluating and saving, roughly, at the default intervals
 MEMORY_SHARE = 0.9
+REPEAT_SCALE = 15.4  # R*: how many repeats of the data are worth (at most) a new epoch's worth, Muennighoff et al.
 
 
 def model_at_depth(depth: int, vocab_size: int, seq_len: int) -> ModelConfig:
@@ -51,6 +60,27 @@ def model_at_depth(depth: int, vocab_size: int, seq_len: int) -> ModelConfig:
                        hidden_dim=3 * dim, max_seq_len=seq_len)
 
 
+def effective_tokens(tokens: float, unique: int | None) -> float:
+    """D' = U + U R* (1 - exp(-R / R*)) for `tokens` = U (1 + R) read from `unique` = U distinct tokens."""
+    if not unique or tokens <= unique:
+        return tokens
+    repeats = tokens / unique - 1
+    return unique * (1 + REPEAT_SCALE * (1 - math.exp(-repeats / REPEAT_SCALE)))
+
+
+def unique_train_tokens(cfg: Config) -> int | None:
+    """The training tokens of the run's prepared data (meta.json), or None where it is not known yet."""
+    from .data.prepare import read_meta
+
+    total = 0
+    for d in cfg.data.data_dirs:
+        try:
+            total += int(read_meta(d)["splits"]["train"]["tokens"])
+        except (CogniError, KeyError, TypeError, ValueError):
+            return None
+    return total or None
+
+
 @dataclass(frozen=True)
 class Candidate:
     depth: int
@@ -60,6 +90,16 @@ class Candidate:
     tokens: int  # predicted in the budget
     memory: int  # training memory estimate, bytes
     fits: bool  # memory
+    unique_tokens: int | None = None  # the training data's size, when known
+
+    @property
+    def epochs(self) -> float | None:
+        return self.tokens / self.unique_tokens if self.unique_tokens else None
+
+    @property
+    def effective_tokens(self) -> float:
+        """Fresh tokens that `tokens` read from `unique_tokens` (repeating them) are worth (see the module doc)."""
+        return effective_tokens(self.tokens, self.unique_tokens)
 
     @property
     def tokens_per_param(self) -> float:
@@ -71,7 +111,7 @@ class Candidate:
         c = CHINCHILLA
         if self.tokens <= 0:
             return float("inf")
-        return c["E"] + c["A"] / self.params ** c["alpha"] + c["B"] / self.tokens ** c["beta"]
+        return c["E"] + c["A"] / self.params ** c["alpha"] + c["B"] / self.effective_tokens ** c["beta"]
 
 
 @dataclass(frozen=True)
@@ -93,11 +133,13 @@ class Plan:
         c = self.chosen
         lines = [f"plan for {self.minutes:.3g} minutes on {self.device} ({self.precision}, batch {self.batch_size} x "
                  f"{self.seq_len}; {self.measure_seconds:.0f} s spent measuring):",
-                 "  depth   params   tokens/s   tokens in budget   tokens/param   fit L(N,D)   memory"]
+                 "  depth   params   tokens/s   tokens in budget   tokens/param   epochs   fit L(N,D)   memory"]
         for x in self.candidates:
             mark = "  <- chosen" if x is c else ("  (does not fit in memory)" if not x.fits else "")
+            epochs = f"{x.epochs:.1f}" if x.epochs is not None else "?"
             lines.append(f"  {x.depth:>5} {x.params / 1e6:>7.2f}M {x.tokens_per_s:>10,.0f} {x.tokens:>18,} "
-                         f"{x.tokens_per_param:>14.1f} {x.predicted_loss:>12.3f} {human_bytes(x.memory):>8}{mark}")
+                         f"{x.tokens_per_param:>14.1f} {epochs:>8} {x.predicted_loss:>12.3f} "
+                         f"{human_bytes(x.memory):>8}{mark}")
         finish = time.strftime("%H:%M", time.localtime(time.time() + self.minutes * 60))
         lines.append(f"chosen: depth {c.depth} (dim {c.model.dim}, {c.model.n_layers} layers, {c.model.n_heads}/"
                      f"{c.model.n_kv_heads} heads), {c.params:,} parameters, ~{c.tokens:,} tokens in ~{self.steps:,} "
@@ -155,17 +197,19 @@ def measure(model_cfg: ModelConfig, cfg: Config, device: torch.device, seconds: 
 
 
 def plan_for_budget(minutes: float, cfg: Config, device: torch.device, *, seconds_each: float = 3.0,
-                    depths: tuple[int, ...] = DEPTHS, say=lambda s: None) -> Plan:
+                    depths: tuple[int, ...] = DEPTHS, unique_tokens: int | None = None, say=lambda s: None) -> Plan:
     """Time the candidates from small to large and pick the lowest fitted loss (see the module doc).
 
     Timing stops at the first candidate that does not fit in memory, or once the fitted loss has
-    risen twice in a row (it has one minimum along the ladder: more parameters, fewer tokens)."""
+    risen twice in a row (it has one minimum along the ladder: more parameters, fewer tokens).
+    `unique_tokens` (default: read from the prepared data's meta.json) discounts repeated data."""
     if not minutes > 0:
         raise CogniError(f"--minutes must be positive, got {minutes}.")
     start = time.perf_counter()
     budget_s = minutes * 60
     seq_len, batch = cfg.data.seq_len, cfg.train.batch_size * cfg.train.grad_accum
     free = free_memory(device)
+    unique = unique_tokens if unique_tokens is not None else unique_train_tokens(cfg)
     candidates: list[Candidate] = []
     precision, rises = "fp32", 0
     for depth in depths:
@@ -173,13 +217,13 @@ def plan_for_budget(minutes: float, cfg: Config, device: torch.device, *, second
         params = param_counts(model_cfg).total
         memory = train_memory(model_cfg, cfg.train.batch_size, seq_len, mixed=cfg.train.precision != "fp32").total
         if memory > MEMORY_SHARE * free:
-            candidates.append(Candidate(depth, model_cfg, params, 0.0, 0, memory, False))
+            candidates.append(Candidate(depth, model_cfg, params, 0.0, 0, memory, False, unique))
             break
         say(f"timing depth {depth} ({params / 1e6:.2f}M parameters) for {seconds_each:g} s ...")
         tok_s, precision = measure(model_cfg, cfg, device, seconds_each)
         left = budget_s - (time.perf_counter() - start)
         tokens = int(tok_s * max(0.0, left) * (1 - EVAL_SHARE))
-        candidates.append(Candidate(depth, model_cfg, params, tok_s, tokens, memory, True))
+        candidates.append(Candidate(depth, model_cfg, params, tok_s, tokens, memory, True, unique))
         fitted = [c for c in candidates if c.fits]
         rises = rises + 1 if len(fitted) > 1 and fitted[-1].predicted_loss > fitted[-2].predicted_loss else 0
         if rises >= 2 or left <= 0:

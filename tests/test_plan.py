@@ -3,6 +3,8 @@ memory limit and the too-small budget, with the timing replaced by given through
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -102,3 +104,46 @@ def test_measure_times_the_real_step():
                            train=planning.replace(cfg.train, batch_size=2, precision="fp32"))
     tok_s, precision = planning.measure(m, cfg, torch.device("cpu"), seconds=0.2)
     assert tok_s > 0 and precision == "fp32"
+
+
+def test_effective_tokens_closed_form():
+    # Muennighoff et al.: D' = U + U R* (1 - exp(-R / R*)). At R = R* ln 2 the bracket is exactly 1/2.
+    r_star = 15.4
+    assert planning.effective_tokens(1_000, 1_000) == 1_000  # one epoch: all fresh
+    assert planning.effective_tokens(700, 1_000) == 700  # less than one epoch
+    assert planning.effective_tokens(5_000, None) == 5_000  # data size unknown: no discount
+    tokens = 1_000 * (1 + r_star * math.log(2))
+    assert planning.effective_tokens(tokens, 1_000) == pytest.approx(1_000 * (1 + r_star / 2))
+    # many repeats: never worth more than U (1 + R*)
+    assert planning.effective_tokens(1e9, 1_000) == pytest.approx(1_000 * (1 + r_star), rel=1e-6)
+
+
+def test_a_small_corpus_moves_the_pick_to_a_larger_model(monkeypatch):
+    cfg = preset("nano")
+    rate = lambda n: 3e4 * (n / 1e6) ** -0.8  # noqa: E731
+    fake_throughput(monkeypatch, rate)
+    fresh = planning.plan_for_budget(10, cfg, torch.device("cpu"), unique_tokens=None)
+    unique = fresh.chosen.tokens // 20  # the small model would read its data 20 times
+    small = planning.plan_for_budget(10, cfg, torch.device("cpu"), unique_tokens=unique)
+    assert small.chosen.params > fresh.chosen.params
+
+    def discounted(c):  # the fit with the repeats discounted, written out here
+        d = c.tokens if c.tokens <= unique else unique * (1 + 15.4 * (1 - math.exp(-(c.tokens / unique - 1) / 15.4)))
+        return chinchilla(c.params, d)
+
+    assert small.chosen.depth == min(small.candidates, key=discounted).depth
+    assert "epochs" in small.describe()
+
+
+def test_unique_tokens_come_from_the_prepared_data(tmp_path):
+    from cogni_mamba.data import prepare
+    from cogni_mamba.tokenizer import SimpleTokenizer
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("one small text", encoding="utf-8")
+    prepare([str(docs)], SimpleTokenizer(), tmp_path / "data", val_fraction=0.0, progress=False)
+    cfg = preset("nano")
+    cfg = planning.replace(cfg, data=planning.replace(cfg.data, data_dirs=[str(tmp_path / "data")]))
+    assert planning.unique_train_tokens(cfg) == len(b"one small text") + 1  # the bytes, then EOS
+    cfg = planning.replace(cfg, data=planning.replace(cfg.data, data_dirs=[str(tmp_path / "nothing")]))
+    assert planning.unique_train_tokens(cfg) is None
