@@ -183,7 +183,7 @@ def bench_subject(subject: Subject, args, directory: Path) -> list[dict]:
     decoders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for variant in args.ours:
         dtype, quantize = OURS[variant]
-        model = subject.model if variant == "fp32" else prepare_model(_copy(subject.model), dtype, quantize=quantize)
+        model = prepare_model(_copy(subject.model), dtype, quantize=quantize)
         decoders[f"ours {variant}"] = ours(model, n)
     skipped = {}
     if not args.no_transformers:

@@ -109,10 +109,11 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, Hkv, T, D) at the current slots; return the keys and values filled so far."""
-        start, end = self.length, self.length + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        start, T = self.length, k.shape[2]
+        keys, values = self.k[layer], self.v[layer]
+        keys.narrow(2, start, T).copy_(k)  # narrow + copy_: fewer dispatches than slice assignment
+        values.narrow(2, start, T).copy_(v)
+        return keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)
 
     def advance(self, T: int) -> None:
         """Mark the T slots just written by `update` (every layer) as filled."""
@@ -217,6 +218,7 @@ class CogniMamba(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.rotary = Rotary(config.head_dim, config.rope_theta, config.max_seq_len)
+        self.fast_decode = None  # inference.precision.prepare_model may set a lean one-token step
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -239,6 +241,9 @@ class CogniMamba(nn.Module):
         from `linear_cross_entropy`, which never holds the full (B, T, V) logits.
         """
         B, T = input_ids.shape
+        if T == 1 and cache is not None and targets is None and self.fast_decode is not None \
+                and self.fast_decode.supports(cache):
+            return self.fast_decode(input_ids, cache)  # the same step with fewer ops (inference/fast_step.py)
         if cache is not None:  # positions() refuses T tokens beyond the cache's room
             positions, mask, end = cache.positions(T), cache.mask(T), cache.max_len
         else:

@@ -82,7 +82,9 @@ def _agreement(a: list[int], b: list[int]) -> float:
     return first / len(a)
 
 
-@pytest.mark.parametrize("dtype, quantize, rel_tol", [(torch.bfloat16, None, 0.05), (torch.bfloat16, "int8", 0.08)])
+# int8 on an x86 CPU quantizes the activations too (fbgemm's dynamic int8, like llama.cpp's q8_0): ~0.085 on this
+# random model, against ~0.06 for int8 weights with bf16 activations
+@pytest.mark.parametrize("dtype, quantize, rel_tol", [(torch.bfloat16, None, 0.05), (torch.bfloat16, "int8", 0.1)])
 def test_reduced_precision_logits_and_greedy_agreement_with_fp32(dtype, quantize, rel_tol, capsys):
     cfg = ModelConfig(**{**SMALL, "init_std": 0.3})
     torch.manual_seed(1)
@@ -110,7 +112,11 @@ def test_int8_linear_matches_its_dequantized_weight():
     assert q.weight.dtype == torch.int8
     assert (q.dequantized() - w).abs().le(scale / 2 + 1e-7).all()  # rounding error at most half a step
     x = torch.randn(2, 3, 48)
-    assert torch.allclose(q(x), F.linear(x, q.dequantized()), atol=1e-5)
+    want = F.linear(x, q.dequantized())
+    if q.packed is None:  # no fbgemm: fp32 activations are multiplied exactly
+        assert torch.allclose(q(x), want, atol=1e-5)
+    else:  # fbgemm quantizes the activations to 8 bits per call: half a step of 1/255 of their range each
+        assert (q(x) - want).norm() / want.norm() < 0.02
     xb = x.to(torch.bfloat16)  # the fast path: bf16 activations
     assert q(xb).dtype == torch.bfloat16
     assert torch.allclose(q(xb).float(), F.linear(xb.float(), q.dequantized()), rtol=0.02, atol=0.02)
@@ -119,12 +125,14 @@ def test_int8_linear_matches_its_dequantized_weight():
 def test_int8_replaces_every_linear_and_the_embedding_stays():
     model = prepare_model(CogniMamba(ModelConfig(**SMALL)), torch.bfloat16, quantize="int8")
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert model.tok_embeddings.weight.dtype == torch.bfloat16
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.fast_decode.fused.modules())
+    rest = torch.float32 if precision.fbgemm_available() else torch.bfloat16  # fbgemm's int8 takes fp32 activations
+    assert model.tok_embeddings.weight.dtype == rest
     assert isinstance(model.output, Int8Linear)
     cache = model.new_cache(1, 10)
     with torch.no_grad():
         out = model(torch.tensor([[1, 2, 3]]), cache=cache, last_only=True)
-    assert out.shape == (1, 1, 97) and cache.length == 3 and cache.k.dtype == torch.bfloat16
+    assert out.shape == (1, 1, 97) and cache.length == 3 and cache.k.dtype == rest
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -102,11 +102,11 @@ class SlotView:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, Hkv, T, D) at each row's length; return (B, Hkv, S, D) keys and values, S = longest row + T."""
         B, _, T, _ = k.shape
-        rows = slice(self.start, self.stop)
+        keys, values = self.k[layer].narrow(0, self.start, B), self.v[layer].narrow(0, self.start, B)  # (B, Hkv, L, D)
         if B == 1 or min(self._lengths) == max(self._lengths):
             at = self._lengths[0]
-            self.k[layer, rows, :, at:at + T] = k
-            self.v[layer, rows, :, at:at + T] = v
+            keys.narrow(2, at, T).copy_(k)  # narrow + copy_: fewer dispatches than slice assignment
+            values.narrow(2, at, T).copy_(v)
         elif T == 1:  # one token per row, each at its own length
             index = torch.arange(self.start, self.stop, device=k.device)
             self.k[layer][index, :, self._lengths_t] = k[:, :, 0]  # (B, Hkv, D) at (row, length)
@@ -116,7 +116,7 @@ class SlotView:
                 self.k[layer, self.start + i, :, at:at + T] = k[i]
                 self.v[layer, self.start + i, :, at:at + T] = v[i]
         end = max(self._lengths) + T
-        return self.k[layer, rows, :, :end], self.v[layer, rows, :, :end]
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, T: int) -> None:
         """Every row of the view has T more filled slots."""

@@ -1,0 +1,137 @@
+"""A lean one-token decode step for prepared inference models.
+
+The module-by-module forward pays a Python-level dispatch for every small op, which at nano size
+costs more than the matmuls. `FastDecoder` computes the same step with fewer and larger calls:
+
+- q/k/v as one matmul and gate/up as one (weights concatenated once: the same dot products, so
+  the same bits in fp32);
+- the rotary embedding from tables precomputed in the compute dtype: x * cos + swap(x) * sin',
+  where swap exchanges the two halves and sin' carries the rotation's signs (the same products
+  as `apply_rotary`);
+- no dtype casts and no per-layer bookkeeping.
+
+In fp32 (`exact=True`) that is all, and the step computes what the forward computes. For bf16 and
+int8 weights, whose rounding is far larger, the norms' weights (times sqrt(dim)) are also folded
+into the q/k/v and gate/up weights, so each norm is x / ||x|| (two ops instead of nine; the norm's
+eps, 1e-5 of the mean square, is dropped).
+
+It speaks the model's cache protocol (`positions`, `mask`, `update`, `advance`), so the static-batch
+loop and the engine's slot cache both use it unchanged. `prepare_model` attaches one as
+`model.fast_decode`; `CogniMamba.forward` hands it every one-token step with a cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model import CogniMamba, decode_attention
+
+
+def fused_linear(linears: list[nn.Module], in_scale: torch.Tensor | None = None) -> nn.Linear:
+    """One bias-free nn.Linear computing the concatenated outputs of `linears` (each input column times
+    `in_scale` when given); prepare_model packs or quantizes it like the model's own."""
+    weight = torch.cat([m.weight.detach() for m in linears])  # (sum of outs, in)
+    if in_scale is not None:
+        weight = (weight.float() * in_scale.float()[None, :]).to(weight.dtype)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
+
+
+def kernel(linear: nn.Module):
+    """`linear` as a plain function of a 2-D input, skipping the module call: the kernel its kind runs."""
+    from .precision import _REDUCE_RANGE, Int8Linear, PackedLinear
+
+    if isinstance(linear, Int8Linear):
+        if linear.packed is not None:
+            packed, op = linear.packed, torch.ops.quantized.linear_dynamic
+            return lambda x: op(x, packed, _REDUCE_RANGE) if x.dtype == torch.float32 else linear(x)
+        return linear
+    if isinstance(linear, PackedLinear):
+        packed, op = linear.packed, torch.ops.mkldnn._linear_pointwise
+        return lambda x: op(x, packed, None, "none", [], "")
+    weight = linear.weight.detach()
+    return lambda x: F.linear(x, weight)
+
+
+class FastDecoder:
+    """`decoder(ids, cache)` = `model(ids, cache=cache, last_only=True)` for (B, 1) ids, with fewer ops.
+
+    Build it from the float model (before packing or quantizing); `fused` holds its own linears
+    (q/k/v, gate/up per block), for prepare_model to convert like the model's.
+    """
+
+    def __init__(self, model: CogniMamba, *, exact: bool):
+        cfg = model.config
+        self.model = model  # wo, w2 and the head are the model's own modules, looked up at the first call
+        self.n_heads, self.n_kv_heads, self.head_dim, self.eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
+        self.exact = exact
+        self.dtype = model.tok_embeddings.weight.dtype
+        half = cfg.head_dim // 2
+        cos, sin = model.rotary.cos, model.rotary.sin  # (L, D) fp32, half-split layout
+        self.cos = cos.to(self.dtype)
+        self.sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(self.dtype)  # swap(x) * this = rotate(x) * sin
+        root = math.sqrt(cfg.dim)
+        self.fused = nn.ModuleList()
+        for block in model.layers:
+            a, f = block.attention, block.feed_forward
+            attn_scale = None if exact else block.attention_norm.weight.detach() * root
+            ffn_scale = None if exact else block.ffn_norm.weight.detach() * root
+            self.fused.append(nn.ModuleDict({"qkv": fused_linear([a.wq, a.wk, a.wv], attn_scale),
+                                             "w13": fused_linear([f.w1, f.w3], ffn_scale)}))
+        self.norm_scale = (model.norm.weight.detach().float() * root).to(self.dtype)
+        self.cpu_low = self.dtype != torch.float32 and model.tok_embeddings.weight.device.type == "cpu"
+        self._plan = self._head = None
+
+    def supports(self, cache) -> bool:
+        """True when this cache's rows fit the rotary tables and hold the weights' dtype."""
+        return cache.max_len <= self.cos.shape[0] and cache.k.dtype == self.dtype
+
+    def _layers(self) -> list[tuple]:
+        """(norm weights, qkv, wo, w13, w2, ffn_dim) per block: plain references, looked up once."""
+        if self._plan is None:
+            self._plan = [(block.attention_norm.weight, block.ffn_norm.weight, kernel(fused["qkv"]),
+                           kernel(block.attention.wo), kernel(fused["w13"]), kernel(block.feed_forward.w2),
+                           block.feed_forward.w2.in_features)
+                          for block, fused in zip(self.model.layers, self.fused, strict=True)]
+            self._head = kernel(self.model.output)
+        return self._plan
+
+    def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.exact:
+            return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, self.eps)[0]
+        return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-30)  # weight * sqrt(dim) folded
+
+    def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
+        """Logits (B, 1, V) of the next position after feeding one (B, 1) token per row; the cache advances."""
+        B = ids.shape[0]
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        positions = cache.positions(1).view(-1)  # (1,) or (B,)
+        mask = cache.mask(1)
+        cos = self.cos.index_select(0, positions).view(-1, 1, D)  # (B|1, 1, D)
+        sin = self.sin.index_select(0, positions).view(-1, 1, D)
+        x = F.embedding(ids.view(B), self.model.tok_embeddings.weight)  # (B, dim)
+        for i, (attention_norm, ffn_norm, qkv_proj, wo, w13, w2, ffn_dim) in enumerate(self._layers()):
+            qkv = qkv_proj(self._norm(x, attention_norm)).view(B, H + 2 * Hkv, D)
+            qk = qkv[:, :H + Hkv]
+            swapped = qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D)
+            qk = (qk * cos).add_(swapped * sin)  # (B, H + Hkv, D), rotated
+            k, v = cache.update(i, qk[:, H:, None], qkv[:, H + Hkv:, None])  # (B, Hkv, S, D)
+            q = qk[:, :H, None]  # (B, H, 1, D)
+            if self.cpu_low:
+                y = decode_attention(q, k, v, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hkv != H)
+            x = x + wo(y.reshape(B, H * D))
+            gate_up = w13(self._norm(x, ffn_norm))  # (B, 2 * ffn_dim)
+            x = x + w2(F.silu(gate_up[:, :ffn_dim]) * gate_up[:, ffn_dim:])
+        cache.advance(1)
+        if self.exact:
+            x = self._norm(x, self.model.norm.weight)
+        else:
+            x = self._norm(x, None) * self.norm_scale
+        return self._head(x).view(B, 1, -1)
