@@ -160,6 +160,11 @@ BAD_REQUESTS = [
     ("completion prompt longer than context", "/v1/completions", {"prompt": "y" * CONTEXT}, "prompt"),
     ("completion prompt not text", "/v1/completions", {"prompt": {"text": "hi"}}, "prompt"),
     ("completion max_tokens zero", "/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+    ("logprobs asked for", CHAT, {"messages": OK_MESSAGES, "logprobs": True}, "logprobs"),
+    ("top_logprobs asked for", CHAT, {"messages": OK_MESSAGES, "logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ("completion logprobs asked for", "/v1/completions", {"prompt": "hi", "logprobs": 1}, "logprobs"),
+    ("n zero", CHAT, {"messages": OK_MESSAGES, "n": 0}, "n"),
+    ("n above the batch", CHAT, {"messages": OK_MESSAGES, "n": 5}, "n"),
 ]
 
 
@@ -238,3 +243,85 @@ def test_binds_to_127_0_0_1_only_by_default(server):
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.2:{server.port}/health", timeout=5)
     assert httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=5).status_code == 200
+
+
+# --- n choices, log probabilities, oversized bodies ---------------------------------------------------
+
+def choices_of(server, path: str, body: dict) -> list[tuple[str, str]]:
+    """(text, finish_reason) per choice index, from a raw request, streamed (SSE) or not."""
+    if not body.get("stream"):
+        r = httpx.post(server.url + path, json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        got = r.json()["choices"]
+        assert [c["index"] for c in got] == list(range(len(got)))
+        return [(c["message"]["content"] if "message" in c else c["text"], c["finish_reason"]) for c in got]
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    with httpx.stream("POST", server.url + path, json=body, timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            for c in json.loads(line[6:])["choices"]:
+                texts[c["index"]] = texts.get(c["index"], "") + (c["delta"].get("content") or "" if "delta" in c
+                                                                 else c["text"])
+                if c["finish_reason"]:
+                    assert c["index"] not in finish  # one finish chunk per choice
+                    finish[c["index"]] = c["finish_reason"]
+    assert sorted(texts) == sorted(finish) == list(range(len(texts)))
+    return [(texts[i], finish[i]) for i in range(len(texts))]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_greedy_n_3_gives_three_choices_equal_to_the_naive_reference(server, tiny, stream):
+    messages = [{"role": "user", "content": "Three times?"}]
+    expected = naive_greedy_text(tiny.model, chat_ids(tiny.specials, messages), 12)
+    body = {"messages": messages, "n": 3, "temperature": 0, "max_tokens": 12, "stream": stream}
+    assert choices_of(server, CHAT, body) == [(expected, "length")] * 3
+    whole = client(server).chat.completions.create(model="m", messages=messages, n=3, temperature=0, max_tokens=12)
+    assert whole.usage.completion_tokens == 3 * 12 and whole.usage.prompt_tokens == len(chat_ids(tiny.specials,
+                                                                                                  messages))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_seeded_n_choices_equal_the_seeds_submitted_one_by_one(server, stream):
+    body = {"prompt": "Once", "temperature": 1.0, "max_tokens": 16, "stream": stream}
+    together = choices_of(server, "/v1/completions", {**body, "n": 3, "seed": 40})
+    alone = [choices_of(server, "/v1/completions", {**body, "seed": 40 + i})[0] for i in range(3)]
+    assert together == alone
+    assert len({text for text, _ in together}) > 1  # really sampled, each choice with its own seed
+
+
+def test_a_stop_string_ends_each_choice_on_its_own(server, tiny):
+    messages = [{"role": "user", "content": "Stop somewhere."}]
+    reference = naive_greedy_text(tiny.model, chat_ids(tiny.specials, messages), 30)
+    i = next(i for i in range(8, 25) if "\ufffd" not in reference[i:i + 2])
+    body = {"messages": messages, "n": 2, "temperature": 0, "max_tokens": 30, "stop": reference[i:i + 2]}
+    expected = (reference[:reference.find(reference[i:i + 2])], "stop")
+    assert choices_of(server, CHAT, body) == [expected] * 2
+    assert choices_of(server, CHAT, {**body, "stream": True}) == [expected] * 2
+
+
+def test_logprobs_false_is_accepted(server):
+    body = {"messages": OK_MESSAGES, "logprobs": False, "max_tokens": 3, "temperature": 0}
+    assert httpx.post(server.url + CHAT, json=body, timeout=60).status_code == 200
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_an_oversized_body_is_refused_by_its_size_before_it_is_parsed(server, chunked):
+    import time
+
+    prompt = "word " * 400_000  # 2 MB: tokenizing it would take seconds
+    data = json.dumps({"prompt": prompt, "max_tokens": 5}).encode()
+
+    def parts():  # no Content-Length: the size is counted as the body arrives
+        for k in range(0, len(data), 65536):
+            yield data[k:k + 65536]
+
+    start = time.perf_counter()
+    r = httpx.post(server.url + "/v1/completions", content=parts() if chunked else data,
+                   headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "request_too_large"
+    assert time.perf_counter() - start < 1.5
+    assert server.health()["status"] == "ok"

@@ -169,7 +169,7 @@ def test_a_stop_token_ends_the_reply_with_finish_reason_stop(tiny):
     service = Service(model, tok, GenerationConfig(temperature=0, top_k=None, top_p=None))
     prompt_ids = service.chat_prompt(HELLO)
     assert prompt_ids == prompt
-    request = service.submit(prompt_ids, service.settings(300, {}), service.chat_stop_ids())
+    [request] = service.submit(prompt_ids, service.settings(300, {}), service.chat_stop_ids())
     text = "".join(stream_text(request, service.decoder()))
     assert text == bytes(reply).decode("utf-8", errors="replace")
     assert request.finish_reason == "stop" and request.completion_tokens == len(reply)

@@ -11,7 +11,7 @@ from .cache import SlotCache
 from .engine import Engine
 from .loading import DTYPE_CHOICES, load_model_for_inference
 from .request import EngineBusy, EngineStats, Request, greedy_settings
-from .text import TextStream, stream_text
+from .text import TextStream, stream_text, text_pieces
 
 __all__ = ["DTYPE_CHOICES", "Engine", "EngineBusy", "EngineStats", "Request", "SlotCache", "TextStream",
-           "greedy_settings", "load_model_for_inference", "stream_text"]
+           "greedy_settings", "load_model_for_inference", "stream_text", "text_pieces"]

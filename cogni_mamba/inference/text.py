@@ -4,8 +4,9 @@
 decoder holds back a character split across tokens, and a tail that could still begin a stop
 string is held back until it cannot. Only the held-back tail (shorter than the longest stop
 string, plus the newest piece) is ever searched, so nothing is decoded or scanned twice.
-`stream_text` drives it from an engine `Request`, cancelling the request (finish reason "stop")
-when a stop string appears.
+`text_pieces` turns the ids a Request has made into text, cancelling the request (finish reason
+"stop") when a stop string appears; it is the one path from a Request's ids to text, for readers that
+block (`stream_text`: the Chatbot) and for those that poll (the server's event loop).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class TextStream:
         self._pending = ""  # decoded but not yet released: may begin a stop string
         self._released: list[str] = []
         self.stopped = False
+        self.tokens = 0  # ids put before a stop string ended the text (the reply's token count)
 
     @property
     def text(self) -> str:
@@ -37,6 +39,7 @@ class TextStream:
         """Add one id; return the text it releases (may be empty)."""
         if self.stopped:
             return ""
+        self.tokens += 1
         self._pending += self._decoder.put(token_id)
         return self._advance(final=False)
 
@@ -74,24 +77,35 @@ class TextStream:
         return 0
 
 
+def text_pieces(request: Any, text: TextStream, tokens: Iterable[int], ended: bool) -> Iterator[str]:
+    """The text of `tokens`, ids a Request made since the last call; `ended`: it has finished, so the
+    held-back tail is flushed. A stop string cancels the request with finish reason "stop" and ends the text."""
+    for token in tokens:
+        piece = text.put(token)
+        if piece:
+            yield piece
+        if text.stopped:
+            request.cancel(reason="stop")
+            return
+    if ended and not text.stopped:
+        tail = text.flush()
+        if text.stopped:  # a stop string completed by the last, flushed character
+            request.cancel(reason="stop")
+        if tail:
+            yield tail
+
+
 def stream_text(request: Any, decoder: Any, stop_strings: Iterable[str] = ()) -> Iterator[str]:
-    """The text pieces of an engine Request; a stop string cancels it with finish reason "stop".
+    """The text pieces of an engine Request, read blocking; a stop string cancels it with finish reason "stop".
 
     Closing the iterator early cancels the request too (its slot is freed at the next step).
     """
     text = TextStream(decoder, stop_strings)
     try:
         for token in request:
-            piece = text.put(token)
-            if piece:
-                yield piece
+            yield from text_pieces(request, text, (token,), ended=False)
             if text.stopped:
-                request.cancel(reason="stop")
                 return
-        tail = text.flush()
-        if text.stopped:  # a stop string completed by the last, flushed character
-            request.cancel(reason="stop")
-        if tail:
-            yield tail
+        yield from text_pieces(request, text, (), ended=True)
     finally:
         request.cancel()  # a no-op once the request has finished

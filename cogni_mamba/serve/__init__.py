@@ -6,7 +6,8 @@
 Needs the `serve` extra (fastapi, uvicorn). `cogni-mamba serve --checkpoint DIR` runs it with uvicorn.
 """
 
-from .app import Job, create_app
+from .app import create_app
+from .jobs import Job
 from .service import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_SIZE, Service
 
 __all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_QUEUE_SIZE", "Job", "Service", "create_app"]

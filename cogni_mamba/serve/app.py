@@ -1,18 +1,18 @@
 """The FastAPI app: OpenAI's chat and text completion endpoints, /health, /v1/models and the web chat page.
 
-A request is validated (-> 400 with an OpenAI-style error body), then submitted to the service's
-continuous-batching engine: up to `max_batch` generations share each model step on one background
-thread, `queue_size` more wait first come, first served, and beyond that the answer is 429. The engine
-hands token ids to the event loop, where they become text (stop strings held back). A streamed reply
-is sent as server-sent events in OpenAI's chunk format, ending `data: [DONE]`. When the client goes
-away its generation is cancelled and its slot freed at the next step.
+A request's body is read up to MAX_BODY_BYTES (beyond: 413, before any parsing or tokenizing), validated
+(-> 400 with an OpenAI-style error body), then submitted to the service's continuous-batching engine as
+one Job (jobs.py; `n` choices share one prefill): up to `max_batch` generations share each model step on
+one background thread, `queue_size` more wait first come, first served, and beyond that the answer is 429.
+The engine hands token ids to the event loop, where they become text (stop strings held back). A streamed
+reply is sent as server-sent events in OpenAI's chunk format, ending `data: [DONE]`. When the client goes
+away its generation is cancelled and its slots freed at the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import json
 import logging
@@ -27,39 +27,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import inference
-from ..config import GenerationConfig
 from ..errors import CogniError
-from ..inference import EngineBusy, TextStream
 from .formats import ChatFormat, TextFormat, usage
+from .jobs import Job, make_job, start
 from .schemas import ApiError, ChatRequest, CompletionRequest, SamplingRequest, parse, validation_error
 from .service import DEFAULT_MAX_BATCH, DEFAULT_QUEUE_SIZE, Service
 
 log = logging.getLogger("cogni_mamba.serve")
-
-
-@dataclasses.dataclass
-class Job:
-    """One request's generation: its inputs, the engine request once submitted, and what it reports."""
-
-    prompt: list[int]
-    settings: GenerationConfig
-    stop_ids: tuple[int, ...]
-    stop_strings: list[str]
-    request: inference.Request | None = None
-    completion_tokens: int = 0  # tokens that went into the reply (up to a stop string)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt)
-
-    @property
-    def finish_reason(self) -> str | None:
-        return None if self.request is None else self.request.finish_reason
-
-    def cancel(self) -> None:
-        if self.request is not None:
-            self.request.cancel()
+MAX_BODY_BYTES = 256 * 1024  # 64x a 1,024-token context of English text; a larger body is refused unread
 
 
 class ServerState:
@@ -80,90 +55,25 @@ class ServerState:
                 "completed_requests": self.completed_requests, "threads": stats.threads}
 
 
-# --- running a job ------------------------------------------------------------------------------
+# --- answering a job ----------------------------------------------------------------------------
 
-def plan_max_tokens(prompt_len: int, requested: int | None, param: str, prompt_param: str,
-                    context: int, default: int) -> int:
-    """How many tokens to generate, or an ApiError when the prompt or the request does not fit the context."""
-    if prompt_len >= context:
-        raise ApiError(f"The prompt ({prompt_param}) is {prompt_len} tokens but the model's context holds {context}; "
-                       "shorten it.", param=prompt_param, code="context_length_exceeded")
-    room = context - prompt_len
-    if requested is None:
-        return min(default, room)
-    if requested > context:
-        raise ApiError(f"{param} is {requested} but the model's context holds only {context} tokens; "
-                       "ask for fewer.", param=param, code="context_length_exceeded")
-    if requested > room:
-        raise ApiError(f"The prompt ({prompt_len} tokens) plus {param} ({requested}) exceed the model's context "
-                       f"of {context} tokens; set {param} to at most {room} or shorten the prompt.",
-                       param=param, code="context_length_exceeded")
-    return requested
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refused with a 413 as soon as it passes `limit` bytes (before it is parsed or tokenized)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise body_too_large(int(declared), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(size, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def make_job(service: Service, prompt: list[int], req: SamplingRequest, *, prompt_param: str,
-             stop_ids: tuple[int, ...]) -> Job:
-    """A Job for a validated request, with its token budget checked against the context."""
-    requested, param = req.requested_max_tokens()
-    n = plan_max_tokens(len(prompt), requested, param, prompt_param, service.max_seq_len,
-                        service.generation.max_new_tokens)
-    try:
-        settings = service.settings(n, req.sampling_changes())
-    except CogniError as e:  # e.g. a combination the generation config rejects
-        raise ApiError(str(e)) from None
-    return Job(prompt=prompt, settings=settings, stop_ids=stop_ids, stop_strings=req.stop_strings())
-
-
-def start(state: ServerState, job: Job) -> AsyncIterator[str]:
-    """Submit a job to the engine (429 when its queue is full); its text pieces arrive through the returned iterator."""
-    service = state.service
-    service.engine.start()  # idempotent: the one background thread that runs every generation
-    try:
-        job.request = service.submit(job.prompt, job.settings, job.stop_ids)
-    except EngineBusy as e:
-        raise ApiError(str(e), status=429, type="server_busy", code="queue_full") from None
-    loop = asyncio.get_running_loop()
-    wake = asyncio.Event()
-
-    def notify() -> None:  # called on the engine's thread
-        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is listening any more
-            loop.call_soon_threadsafe(wake.set)
-
-    job.request.on_update(notify)
-    return _pieces(state, job, wake)
-
-
-async def _pieces(state: ServerState, job: Job, wake: asyncio.Event) -> AsyncIterator[str]:
-    """Token ids from the engine -> text pieces, a stop string ending the request; counted when it ends."""
-    request = job.request
-    text = TextStream(state.service.decoder(), job.stop_strings)
-    try:
-        while True:
-            tokens, ended = request.take()
-            for token in tokens:
-                job.completion_tokens += 1
-                piece = text.put(token)
-                if piece:
-                    yield piece
-                if text.stopped:
-                    request.cancel(reason="stop")
-                    return
-            if ended:
-                if request.error is not None:
-                    log.error("generation failed: %s", request.error)
-                    raise request.error
-                tail = text.flush()
-                if text.stopped:  # a stop string completed by the last, flushed character
-                    request.cancel(reason="stop")
-                if tail:
-                    yield tail
-                return
-            await wake.wait()
-            wake.clear()
-    finally:
-        request.cancel()  # a no-op once it has ended; frees the slot when the client went away
-        state.generated_tokens += job.completion_tokens
-        state.completed_requests += 1
+def body_too_large(size: int, limit: int) -> ApiError:
+    return ApiError(f"The request body is {size:,} bytes or more; this server accepts at most {limit:,}. Send a "
+                    "shorter prompt or conversation.", status=413, code="request_too_large")
 
 
 async def cancel_on_disconnect(request: Request, job: Job) -> None:
@@ -193,19 +103,22 @@ def sse(data: Any) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def stream_events(fmt, job: Job, pieces: AsyncIterator[str], include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI's chunk sequence: an opening chunk, one per text piece, the finish reason, usage, [DONE]."""
-    opening = fmt.opening()
-    if opening is not None:
-        yield sse(opening)
+async def stream_events(fmt, job: Job, events: AsyncIterator[tuple[int, str | None]],
+                        include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's chunk sequence: an opening chunk per choice, one per text piece, each choice's finish reason as
+    it ends, usage, [DONE]. Every chunk carries one choice, named by its `index`."""
+    for index in range(job.n):
+        opening = fmt.opening(index)
+        if opening is not None:
+            yield sse(opening)
     try:
-        async for piece in pieces:
-            yield sse(fmt.chunk(piece))
+        async for index, piece in events:
+            finished = None if piece is not None else job.finish_reason(index)
+            yield sse(fmt.chunk(piece or "", finished, index))
     except Exception as e:  # the status line has gone out already, so the error travels as an event
         yield sse(ApiError(f"Generation failed: {e}", status=500, type="server_error").body())
         yield sse("[DONE]")
         return
-    yield sse(fmt.chunk("", job.finish_reason))
     if include_usage:
         yield sse(fmt.usage_chunk(usage(job)))
     yield sse("[DONE]")
@@ -213,27 +126,31 @@ async def stream_events(fmt, job: Job, pieces: AsyncIterator[str], include_usage
 
 async def respond(request: Request, state: ServerState, job: Job, req: SamplingRequest, fmt) -> Response:
     """Run a job; stream it as events or answer once it has finished."""
-    pieces = start(state, job)
+    events = start(state, job)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return JobStream(stream_events(fmt, job, pieces, include_usage), job)
+        return JobStream(stream_events(fmt, job, events, include_usage), job)
     watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+    texts: list[list[str]] = [[] for _ in range(job.n)]
     try:
-        text = "".join([piece async for piece in pieces])
+        async for index, piece in events:
+            if piece is not None:
+                texts[index].append(piece)
     except Exception as e:
         raise ApiError(f"Generation failed: {e}", status=500, type="server_error") from None
     finally:
         watcher.cancel()
-    return JSONResponse(fmt.whole(text, job.finish_reason, usage(job)))
+    choices = [("".join(t), job.finish_reason(i)) for i, t in enumerate(texts)]
+    return JSONResponse(fmt.whole(choices, usage(job)))
 
 
 # --- the app ------------------------------------------------------------------------------------
 
 def create_app(service_or_checkpoint: Service | str | Path, api_key: str | None = None, *,
                max_batch: int = DEFAULT_MAX_BATCH, queue_size: int = DEFAULT_QUEUE_SIZE, device: str = "cpu",
-               dtype: str = "auto") -> FastAPI:
+               dtype: str = "auto", max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The server's ASGI app for a Service, or for a checkpoint directory loaded onto `device` (then
-    `max_batch`, `queue_size` and `dtype` set up its engine)."""
+    `max_batch`, `queue_size` and `dtype` set up its engine). Larger bodies than `max_body_bytes` get a 413."""
     service = service_or_checkpoint
     if not isinstance(service, Service):
         if max_batch < 1 or queue_size < 0:
@@ -278,14 +195,14 @@ def create_app(service_or_checkpoint: Service | str | Path, api_key: str | None 
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request) -> Response:
-        req = parse(ChatRequest, await request.body())
+        req = parse(ChatRequest, await read_body(request, max_body_bytes))
         prompt = service.chat_prompt([{"role": m.role, "content": m.text()} for m in req.messages])
         job = make_job(service, prompt, req, prompt_param="messages", stop_ids=service.chat_stop_ids())
         return await respond(request, state, job, req, ChatFormat(service.name))
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request) -> Response:
-        req = parse(CompletionRequest, await request.body())
+        req = parse(CompletionRequest, await read_body(request, max_body_bytes))
         prompt = service.text_prompt(req.prompt_text())
         job = make_job(service, prompt, req, prompt_param="prompt", stop_ids=service.text_stop_ids())
         return await respond(request, state, job, req, TextFormat(service.name))

@@ -7,7 +7,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .app import Job
+    from .jobs import Job
 
 
 def usage(job: Job) -> dict[str, int]:
@@ -38,20 +38,21 @@ class ChatFormat(_Format):
 
     object_whole, object_chunk, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
 
-    def opening(self) -> dict[str, Any]:
-        """The first chunk announces the assistant's role (what OpenAI sends before any content)."""
-        return self._envelope(self.object_chunk, [{"index": 0, "delta": {"role": "assistant", "content": ""},
+    def opening(self, index: int = 0) -> dict[str, Any]:
+        """The first chunk of a choice announces the assistant's role (what OpenAI sends before any content)."""
+        return self._envelope(self.object_chunk, [{"index": index, "delta": {"role": "assistant", "content": ""},
                                                    "logprobs": None, "finish_reason": None}])
 
-    def chunk(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+    def chunk(self, text: str, finish_reason: str | None = None, index: int = 0) -> dict[str, Any]:
         delta = {"content": text} if finish_reason is None else {}
-        return self._envelope(self.object_chunk, [{"index": 0, "delta": delta, "logprobs": None,
+        return self._envelope(self.object_chunk, [{"index": index, "delta": delta, "logprobs": None,
                                                    "finish_reason": finish_reason}])
 
-    def whole(self, text: str, finish_reason: str | None, counts: dict[str, int]) -> dict[str, Any]:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                  "finish_reason": finish_reason}
-        return {**self._envelope(self.object_whole, [choice]), "usage": counts}
+    def whole(self, choices: list[tuple[str, str | None]], counts: dict[str, int]) -> dict[str, Any]:
+        """The whole reply: (text, finish reason) per choice, in index order."""
+        body = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                 "finish_reason": finish} for i, (text, finish) in enumerate(choices)]
+        return {**self._envelope(self.object_whole, body), "usage": counts}
 
 
 class TextFormat(_Format):
@@ -60,13 +61,14 @@ class TextFormat(_Format):
     object_whole = object_chunk = "text_completion"
     id_prefix = "cmpl"
 
-    def opening(self) -> None:
+    def opening(self, index: int = 0) -> None:
         return None
 
-    def chunk(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
-        return self._envelope(self.object_chunk, [{"index": 0, "text": text, "logprobs": None,
+    def chunk(self, text: str, finish_reason: str | None = None, index: int = 0) -> dict[str, Any]:
+        return self._envelope(self.object_chunk, [{"index": index, "text": text, "logprobs": None,
                                                    "finish_reason": finish_reason}])
 
-    def whole(self, text: str, finish_reason: str | None, counts: dict[str, int]) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._envelope(self.object_whole, [choice]), "usage": counts}
+    def whole(self, choices: list[tuple[str, str | None]], counts: dict[str, int]) -> dict[str, Any]:
+        body = [{"index": i, "text": text, "logprobs": None, "finish_reason": finish}
+                for i, (text, finish) in enumerate(choices)]
+        return {**self._envelope(self.object_whole, body), "usage": counts}

@@ -70,7 +70,10 @@ class SamplingRequest(BaseModel):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
-    n: Literal[1] = 1  # one choice per request: several would cost a generation each
+    n: PositiveInt = 1  # choices: one prefill, n rows of the engine (at most its max_batch)
+    # Log probabilities are not computed: asking for them is a 400, not a reply without them.
+    logprobs: bool | int | None = None
+    top_logprobs: int | None = None
     # Extensions that many OpenAI-compatible servers accept too.
     top_k: PositiveInt | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
@@ -83,6 +86,13 @@ class SamplingRequest(BaseModel):
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(stops)}")
         return [s for s in stops if s]
+
+    @field_validator("logprobs", "top_logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | int | None) -> bool | int | None:
+        if v is None or v is False:
+            return v
+        raise ValueError("this server does not return log probabilities; leave logprobs and top_logprobs unset")
 
     def stop_strings(self) -> list[str]:
         """The stop strings as a list (the validator has already normalised them)."""
@@ -114,7 +124,6 @@ class CompletionRequest(SamplingRequest):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
     echo: Literal[False] = False
     suffix: None = None
-    logprobs: None = None
     best_of: Literal[1] | None = None
 
     def prompt_text(self) -> str:

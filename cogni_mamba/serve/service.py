@@ -25,15 +25,15 @@ class Service:
 
     def __init__(self, model, tokenizer, generation: GenerationConfig | None = None, *, name: str = "cogni-mamba",
                  max_batch: int = DEFAULT_MAX_BATCH, queue_size: int = DEFAULT_QUEUE_SIZE,
-                 threads: int | str | None = "auto"):
+                 threads: int | str | None = None):
         if tokenizer is None:
             raise CogniError("The server needs a tokenizer; use a checkpoint saved with its tokenizer/ folder.")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig()
         self.name = name
-        # threads "auto": the engine's thread times its step at 1, half and all of torch's threads and keeps the
-        # fastest (beside the event loop, a small model often runs faster on one thread than on two).
+        # threads "auto" (what `cogni-mamba serve` asks for): the engine's thread times its step at 1, half and all
+        # of torch's threads and keeps the fastest (beside the event loop, a small model often runs faster on one).
         self.engine = Engine(model, max_batch=max_batch, max_queue=queue_size, bos_id=tokenizer.bos_id,
                              threads=threads)
 
@@ -75,9 +75,10 @@ class Service:
     def text_stop_ids(self) -> tuple[int, ...]:
         return (self.tokenizer.eos_id,)
 
-    def submit(self, prompt: list[int], settings: GenerationConfig, stop_ids: Iterable[int]) -> Request:
-        """Queue a generation in the engine (EngineBusy when its queue is full)."""
-        return self.engine.submit(prompt, settings, stop_ids=stop_ids, on_overflow="error")
+    def submit(self, prompt: list[int], settings: GenerationConfig, stop_ids: Iterable[int], *,
+               n: int = 1) -> list[Request]:
+        """Queue n generations of one prompt in the engine, prefilled once (EngineBusy when its queue is full)."""
+        return self.engine.submit_samples(prompt, settings, n, stop_ids=stop_ids, on_overflow="error")
 
     def decoder(self):
         """A fresh incremental decoder; special tokens are not shown, as in the Chatbot."""
