@@ -522,3 +522,26 @@ def test_a_request_arriving_during_a_prefill_is_prefilled_before_the_decode_pass
     assert (running.generated, joining.generated, late[0].generated) == (3, 2, 2)
     for request, prompt in ((running, b"one"), (joining, b"two"), (late[0], b"three!")):
         assert list(request) == naive_greedy(model, list(prompt), 10)
+
+
+def test_eight_samples_run_their_prompt_through_the_model_once():
+    # Counted at the model: every forward call's (rows, tokens); the prompt's tokens pass through it once.
+    model = byte_model()
+    engine = Engine(model, max_batch=8)
+    calls: list[tuple[int, int]] = []
+    real_forward = model.forward
+
+    def forward(ids, **kwargs):
+        calls.append(tuple(ids.shape))
+        return real_forward(ids, **kwargs)
+
+    prompt = list(b"a prompt of some length")
+    model.forward = forward
+    try:
+        samples = engine.submit_samples(prompt, greedy_settings(5), 8)
+        outputs = [list(r) for r in samples]
+    finally:
+        model.forward = real_forward
+    assert calls[0] == (1, len(prompt))  # one row, the whole prompt
+    assert calls[1:] == [(8, 1)] * 4  # then one token for each of the 8 rows per step (the first came from the prefill)
+    assert outputs == [naive_greedy(model, prompt, 5)] * 8

@@ -46,7 +46,7 @@ class Tiny:
     specials: dict[str, int]
 
 
-def make_tiny_checkpoint(run_dir: Path) -> Tiny:
+def make_tiny_checkpoint(run_dir: Path, context: int = CONTEXT) -> Tiny:
     """A random 2-layer model with SimpleTokenizer's byte vocabulary, saved as a checkpoint."""
     from cogni_mamba.train.checkpoint import save_checkpoint
 
@@ -54,7 +54,7 @@ def make_tiny_checkpoint(run_dir: Path) -> Tiny:
     torch.manual_seed(0)
     # init_std 0.3 so the random model does not collapse onto one repeated byte.
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size, hidden_dim=128,
-                      max_seq_len=CONTEXT, init_std=0.3)
+                      max_seq_len=context, init_std=0.3)
     model = CogniMamba(cfg).eval()
     with torch.no_grad():
         model.tok_embeddings.weight[256:] = 0  # tied head: specials and padding rows score exactly 0

@@ -129,3 +129,38 @@ def test_web_chat_leaves_out_the_oldest_turns_when_the_context_is_full(page, tin
         [{"role": "user", "content": second}],
     ]
     assert page.locator(".msg.error").count() == 0
+
+
+@pytest.mark.slow
+def test_a_ten_turn_conversation_with_a_256_token_model_keeps_answering(tmp_path):
+    """The demo model's case: context 256, 128 tokens a reply. From the third turn the history no longer fits;
+    every turn must still be answered, from the newest exchanges that fit, as greedy decoding of what was sent."""
+    import json
+
+    small = make_tiny_checkpoint(tmp_path / "run", context=256)
+    with live_server(small.path) as server, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(server.url + "/")
+            page.fill("#system", "Be kind.")
+            page.fill("#temperature", "0")
+            page.fill("#max-tokens", "128")
+            sent: list[dict] = []
+            page.on("request", lambda r: sent.append(json.loads(r.post_data))
+                    if r.url.endswith("/v1/chat/completions") else None)
+            notes = []
+            for turn in range(10):
+                sent.clear()
+                reply = send(page, f"Message number {turn}, please answer.")
+                answered = sent[-1]["messages"]  # the request that was answered (earlier ones got a 400)
+                assert len(chat_ids(small.specials, answered)) + 128 <= 256
+                assert answered[-1]["content"] == f"Message number {turn}, please answer."
+                assert reply == naive_greedy_text(small.model, chat_ids(small.specials, answered), 128)
+                notes.append(page.locator("#status").text_content())
+            assert page.locator(".msg.error").count() == 0
+            assert page.locator(".msg.assistant").count() == 10
+            assert all(n.startswith("128 tokens") for n in notes) and "left out" in notes[-1]
+        finally:
+            browser.close()
