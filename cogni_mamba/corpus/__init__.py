@@ -9,7 +9,8 @@
 
 Weights share out the characters: each kind gets `weight / sum(weights) * size` characters (to within
 one document), and the kinds are interleaved at random (seeded) in proportion to what each has left.
-Importing this package registers the `builtin` source kind with the data pipeline.
+The data pipeline reads it as the `builtin` source kind (data/sources.py); this package does not import the
+data pipeline's sources.
 """
 
 from __future__ import annotations
@@ -149,22 +150,8 @@ def parse_spec(arg: str | None) -> CorpusSpec:
     return CorpusSpec(size=size, seed=seed, weights=weights or dict(DEFAULT_WEIGHTS))
 
 
-def builtin_source(arg: str | None, options=None):
-    """The data pipeline's `builtin[:OPTIONS]` source."""
-    from ..data.sources import Source
-
-    spec = parse_spec(arg)
-
-    def read(stats) -> Iterator[str]:
-        for doc in corpus_documents(spec):
-            stats.advance(len(doc.encode("utf-8")))
-            yield doc
-
-    return Source(f"builtin:{arg or ''}".rstrip(":"), spec.key(), read, spec.size)
-
-
 __all__ = [
-    "DEFAULT_WEIGHTS", "GREETING_WORDS", "KINDS", "CorpusError", "CorpusSpec", "bpe_text", "builtin_source",
+    "DEFAULT_WEIGHTS", "GREETING_WORDS", "KINDS", "CorpusError", "CorpusSpec", "bpe_text",
     "corpus_documents", "corpus_items", "corpus_vocabulary", "dialogue_text", "generate_dialogue",
     "generate_story", "is_greeting", "parse_spec", "vocabulary", "words_of",
 ]

@@ -377,11 +377,18 @@ def _files(arg: str | None, options: SourceOptions) -> Source:
 
 
 def _builtin(arg: str | None, options: SourceOptions) -> Source:
-    # The demo corpus imports the data package (for Source and the CodeSearchNet layout), so it is
-    # imported here, when the source is used, never when the data package is: no import cycle.
-    from ..corpus import builtin_source
+    """The demo's generated corpus, `builtin[:size=4M,seed=1,...]`. The corpus package is imported here, when the
+    source is used: it knows nothing of this module, and the data package does not load it until then."""
+    from ..corpus import corpus_documents, parse_spec
 
-    return builtin_source(arg, options)
+    spec = parse_spec(arg)
+
+    def read(stats: ReadStats) -> Iterator[str]:
+        for doc in corpus_documents(spec):
+            stats.advance(len(doc.encode("utf-8")))
+            yield doc
+
+    return Source(f"builtin:{arg or ''}".rstrip(":"), spec.key(), read, spec.size)
 
 
 register_source("files", _files)
