@@ -100,6 +100,7 @@ class KVCache:
         shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # per-layer views, made once
         self.max_len = max_len
         self.length = 0
         self.pad = None if pad is None or not bool(pad.any()) else pad.to(device=device, dtype=torch.long)
@@ -110,7 +111,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, Hkv, T, D) at the current slots; return the keys and values filled so far."""
         start, T = self.length, k.shape[2]
-        keys, values = self.k[layer], self.v[layer]
+        keys, values = self.layers[layer]
         keys.narrow(2, start, T).copy_(k)  # narrow + copy_: fewer dispatches than slice assignment
         values.narrow(2, start, T).copy_(v)
         return keys.narrow(2, 0, start + T), values.narrow(2, 0, start + T)

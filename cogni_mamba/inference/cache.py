@@ -24,6 +24,7 @@ class SlotCache:
         shape = (config.n_layers, max_batch, config.n_kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.layers = list(zip(self.k.unbind(0), self.v.unbind(0), strict=True))  # per-layer views, made once
         self.max_len = max_len
         self.lengths = [0] * max_batch  # host copy: slicing and maxima without a device sync
         self.lengths_t = torch.zeros(max_batch, dtype=torch.long, device=device)
@@ -102,7 +103,8 @@ class SlotView:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, Hkv, T, D) at each row's length; return (B, Hkv, S, D) keys and values, S = longest row + T."""
         B, _, T, _ = k.shape
-        keys, values = self.k[layer].narrow(0, self.start, B), self.v[layer].narrow(0, self.start, B)  # (B, Hkv, L, D)
+        keys, values = self.cache.layers[layer]
+        keys, values = keys.narrow(0, self.start, B), values.narrow(0, self.start, B)  # (B, Hkv, L, D)
         if B == 1 or min(self._lengths) == max(self._lengths):
             at = self._lengths[0]
             keys.narrow(2, at, T).copy_(k)  # narrow + copy_: fewer dispatches than slice assignment

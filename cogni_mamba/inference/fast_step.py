@@ -112,16 +112,16 @@ class FastDecoder:
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         positions = cache.positions(1).view(-1)  # (1,) or (B,)
         mask = cache.mask(1)
-        cos = self.cos.index_select(0, positions).view(-1, 1, D)  # (B|1, 1, D)
-        sin = self.sin.index_select(0, positions).view(-1, 1, D)
+        cos = self.cos.index_select(0, positions).view(-1, 1, 1, D)  # (B|1, 1, 1, D)
+        sin = self.sin.index_select(0, positions).view(-1, 1, 1, D)
         x = F.embedding(ids.view(B), self.model.tok_embeddings.weight)  # (B, dim)
         for i, (attention_norm, ffn_norm, qkv_proj, wo, w13, w2, ffn_dim) in enumerate(self._layers()):
-            qkv = qkv_proj(self._norm(x, attention_norm)).view(B, H + 2 * Hkv, D)
-            qk = qkv[:, :H + Hkv]
-            swapped = qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D)
-            qk = (qk * cos).add_(swapped * sin)  # (B, H + Hkv, D), rotated
-            k, v = cache.update(i, qk[:, H:, None], qkv[:, H + Hkv:, None])  # (B, Hkv, S, D)
-            q = qk[:, :H, None]  # (B, H, 1, D)
+            qkv = qkv_proj(self._norm(x, attention_norm)).view(B, H + 2 * Hkv, 1, D)
+            qk = qkv.narrow(1, 0, H + Hkv)  # (B, H + Hkv, 1, D): queries and keys, rotated together
+            swapped = qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, 1, D)
+            qk = (qk * cos).add_(swapped * sin)
+            k, v = cache.update(i, qk.narrow(1, H, Hkv), qkv.narrow(1, H + Hkv, Hkv))  # (B, Hkv, S, D)
+            q = qk.narrow(1, 0, H)  # (B, H, 1, D)
             if self.cpu_low:
                 y = decode_attention(q, k, v, mask)
             else:
