@@ -7,6 +7,10 @@ and the medians and the ratios between them are printed, so load on a shared mac
 Tokens are compared with our fp32 output: `agree` is the share of new tokens before each row's first
 difference (1.00 = identical; bf16 / int8 / f16 / q8_0 round differently, so they may drift apart).
 llama-cpp-python's high-level API decodes one sequence, so llama.cpp runs at batch 1 only.
+Ours is the model as `prepare_model` makes it for inference (every precision, fp32 included), whose
+one-token steps take the lean decode step (`inference/fast_step.py`; `--ours int8-forward` and the
+like turn it off); int8 on an x86 CPU is fbgemm's dynamic int8 product (int8 weights, activations
+quantized per call) with fp32 elsewhere.
 
     .venv/bin/python benchmarks/decode_speed.py                       # nano and tiny, batch 1 and 8
     .venv/bin/python benchmarks/decode_speed.py --checkpoint runs/demo/run --presets nano
@@ -43,6 +47,8 @@ from cogni_mamba.model import CogniMamba  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 OURS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8")}
+# "-forward": the same weights with the lean decode step turned off (every step through the model's forward)
+VARIANTS = [*OURS, *(f"{name}-forward" for name in OURS)]
 GPT2_FILES = REPO.parent / "shared" / "data" / "gpt2"
 
 
@@ -182,8 +188,8 @@ def bench_subject(subject: Subject, args, directory: Path) -> list[dict]:
     vocab = subject.tokenizer.vocab_size if subject.tokenizer is not None else subject.config.model.vocab_size
     decoders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     for variant in args.ours:
-        dtype, quantize = OURS[variant]
-        model = prepare_model(_copy(subject.model), dtype, quantize=quantize)
+        dtype, quantize = OURS[variant.removesuffix("-forward")]
+        model = prepare_model(_copy(subject.model), dtype, quantize=quantize, fast_decode=not variant.endswith("-forward"))
         decoders[f"ours {variant}"] = ours(model, n)
     skipped = {}
     if not args.no_transformers:
@@ -260,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch and llama.cpp threads (default 1)")
     p.add_argument("--clock", choices=list(CLOCKS), default="cpu",
                    help="cpu: the process's CPU time, steady on a shared machine with one thread (default); wall")
-    p.add_argument("--ours", nargs="+", choices=list(OURS), default=list(OURS))
+    p.add_argument("--ours", nargs="+", choices=VARIANTS, default=list(OURS),
+                   help="our variants (default fp32 bf16 int8); NAME-forward runs NAME without the lean decode step")
     p.add_argument("--llama", nargs="*", choices=["f32", "f16", "q8_0"], default=["f32", "f16", "q8_0"])
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")

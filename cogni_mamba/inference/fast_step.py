@@ -44,12 +44,12 @@ def fused_linear(linears: list[nn.Module], in_scale: torch.Tensor | None = None)
 
 def kernel(linear: nn.Module):
     """`linear` as a plain function of a 2-D input, skipping the module call: the kernel its kind runs."""
-    from .precision import _REDUCE_RANGE, Int8Linear, PackedLinear
+    from .precision import INT8_REDUCE_RANGE, Int8Linear, PackedLinear
 
     if isinstance(linear, Int8Linear):
         if linear.packed is not None:
             packed, op = linear.packed, torch.ops.quantized.linear_dynamic
-            return lambda x: op(x, packed, _REDUCE_RANGE) if x.dtype == torch.float32 else linear(x)
+            return lambda x: op(x, packed, INT8_REDUCE_RANGE) if x.dtype == torch.float32 else linear(x)
         return linear
     if isinstance(linear, PackedLinear):
         packed, op = linear.packed, torch.ops.mkldnn._linear_pointwise
@@ -79,8 +79,8 @@ class FastDecoder:
         self.fused = nn.ModuleList()
         for block in model.layers:
             a, f = block.attention, block.feed_forward
-            attn_scale = None if exact else block.attention_norm.weight.detach() * root
-            ffn_scale = None if exact else block.ffn_norm.weight.detach() * root
+            attn_scale = None if exact else block.attention_norm.weight.detach().float() * root
+            ffn_scale = None if exact else block.ffn_norm.weight.detach().float() * root
             self.fused.append(nn.ModuleDict({"qkv": fused_linear([a.wq, a.wk, a.wv], attn_scale),
                                              "w13": fused_linear([f.w1, f.w3], ffn_scale)}))
         self.norm_scale = (model.norm.weight.detach().float() * root).to(self.dtype)

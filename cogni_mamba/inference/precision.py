@@ -140,7 +140,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if x.dtype == torch.float32 and self.packed is not None:
-            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]), self.packed, _REDUCE_RANGE)
+            y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]), self.packed, INT8_REDUCE_RANGE)
         else:
             y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale.to(x.dtype))
         return y.view(*shape[:-1], self.out_features)
@@ -159,7 +159,7 @@ def _has_vnni() -> bool:
         return False
 
 
-_REDUCE_RANGE = not _has_vnni()  # 7-bit activations where the product could overflow (fbgemm's default)
+INT8_REDUCE_RANGE = not _has_vnni()  # 7-bit activations where the product could overflow (fbgemm's default)
 
 
 def fbgemm_available() -> bool:
