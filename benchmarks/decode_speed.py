@@ -225,6 +225,48 @@ def _copy(model: CogniMamba) -> CogniMamba:
     return clone.eval()
 
 
+# --- where a step's time goes ---------------------------------------------------------------------
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::_weight_int8pack_mm", "quantized::linear_dynamic",
+           "mkldnn::_linear_pointwise")
+
+
+def profile_step(model: CogniMamba, steps: int = 50) -> dict:
+    """One-token steps at batch 1 after a 16-token prompt: ms per step (CPU time, model only), the weight
+    matmuls' share of the profiled op time, and op calls per step made from Python (not inside other ops)."""
+    from torch.profiler import profile
+
+    cache = model.new_cache(1, 16 + 2 * steps + 1)
+    token = torch.tensor([[300]])
+    with torch.inference_mode():
+        model(torch.arange(300, 316)[None], cache=cache)
+        for _ in range(steps):  # warm-up
+            model(token, cache=cache)
+        t0 = time.process_time()
+        for _ in range(steps):
+            model(token, cache=cache)
+        ms = (time.process_time() - t0) / steps * 1e3
+        with profile() as prof:
+            model(token, cache=cache)
+    ops = [e for e in prof.events() if "::" in e.name]
+    top = [e for e in ops if e.cpu_parent is None or "::" not in e.cpu_parent.name]
+    total = sum(e.self_cpu_time_total for e in ops)
+    matmul = sum(e.cpu_time_total for e in top if e.name in MATMULS)
+    return {"ms": ms, "matmul_share": matmul / total, "calls": len(top)}
+
+
+def print_profiles(subjects: list[Subject], variants: list[str]) -> None:
+    print("\n| model | ours | ms per step (model only) | weight matmuls' share | op calls per step |")
+    print("|---|---|---|---|---|")
+    for subject in subjects:
+        for variant in variants:
+            dtype, quantize = OURS[variant.removesuffix("-forward")]
+            model = prepare_model(_copy(subject.model), dtype, quantize=quantize,
+                                  fast_decode=not variant.endswith("-forward"))
+            r = profile_step(model)
+            print(f"| {subject.config.preset} | {variant} | {r['ms']:.2f} | {r['matmul_share']:.0%} | {r['calls']} |")
+
+
 # --- report ----------------------------------------------------------------------------------------
 
 def print_rows(rows: list[dict], markdown: bool) -> None:
@@ -272,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     p.add_argument("--quick", action="store_true", help="a smoke run: nano, 8 new tokens, one repeat, no llama.cpp")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the race: where one step of each of our variants spends its time (batch 1)")
     args = p.parse_args(argv)
     if args.quick:
         args.presets, args.repeats, args.llama, args.batch = ["nano"], 1, [], [1, 2]
@@ -282,6 +326,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), clock {args.clock}, load average "
           f"{load:.2f}; greedy, {args.prompt_tokens}-token prompts, medians of {args.repeats} alternated runs")
     rows = []
+    if args.profile:
+        subjects = ([checkpoint_subject(args.checkpoint)] if args.checkpoint else
+                    [random_subject(name, with_tokenizer=False) for name in args.presets])
+        return print_profiles(subjects, args.ours)
     with tempfile.TemporaryDirectory() as tmp:
         subjects = ([checkpoint_subject(args.checkpoint)] if args.checkpoint else
                     [random_subject(name, with_tokenizer=bool(args.llama)) for name in args.presets])

@@ -1,7 +1,8 @@
 """What bf16 and int8 weights cost in quality: greedy agreement with fp32 and the eval-loss delta.
 
-For a checkpoint, the fp32 model and each reduced variant (`prepare_model`: bf16 weights; bf16 plus
-int8 weight-only Linear layers) decode greedily, one prompt at a time, from the first tokens of the
+For a checkpoint, the fp32 model and each variant `prepare_model` makes (fp32-prepared: fp32 with the
+lean decode step, which should agree in full; bf16 weights; int8 Linear layers, on an x86 CPU fbgemm's
+dynamic int8 with the activations quantized per call) decode greedily, one prompt at a time, from the first tokens of the
 first --prompts documents of --data, for --tokens new tokens each. Agreement is measured against
 fp32: the share of new tokens before a prompt's first difference (averaged; after a difference the
 two continue different texts, so later positions say nothing), and how many prompts match in full.
@@ -37,7 +38,8 @@ from cogni_mamba.evaluate import (  # noqa: E402
 from cogni_mamba.generate import decode_n  # noqa: E402
 from cogni_mamba.inference.precision import prepare_model  # noqa: E402
 
-VARIANTS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8")}
+VARIANTS = {"fp32": (torch.float32, None), "fp32-prepared": (torch.float32, None), "bf16": (torch.bfloat16, None),
+            "int8": (torch.bfloat16, "int8")}
 
 
 def greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.data}; load {load:.2f}")
 
     reference, ref_loss = None, None
-    print(f"{'variant':<8} {'agree (share before 1st diff)':>30} {'identical prompts':>18} {'eval loss':>10} "
+    print(f"{'variant':<14} {'agree (share before 1st diff)':>30} {'identical prompts':>18} {'eval loss':>10} "
           f"{'delta vs fp32':>14}")
     for name in ["fp32", *[v for v in args.variants if v != "fp32"]]:
         dtype, quantize = VARIANTS[name]
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         firsts = [first_difference(a, b) for a, b in zip(reference, outputs, strict=True)]
         share = sum(f / max(1, len(a)) for f, a in zip(firsts, reference, strict=True)) / len(firsts)
         same = sum(a == b for a, b in zip(reference, outputs, strict=True))
-        print(f"{name:<8} {share:>30.3f} {f'{same}/{len(prompts)}':>18} {loss:>10.4f} {loss - ref_loss:>+14.4f}")
+        print(f"{name:<14} {share:>30.3f} {f'{same}/{len(prompts)}':>18} {loss:>10.4f} {loss - ref_loss:>+14.4f}")
 
 
 def _copy(model):

@@ -75,8 +75,9 @@ def test_inference_precision_on_a_small_checkpoint(tmp_path, capsys):
     inference_precision.main(["--checkpoint", str(tmp_path / "run"), "--data", str(text), "--prompts", "3",
                               "--tokens", "4", "--eval-tokens", "500"])
     out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["fp32"], ["bf16"],
-                                                                                               ["int8"])}
-    assert set(rows) == {"fp32", "bf16", "int8"}
+    names = ("fp32", "fp32-prepared", "bf16", "int8")
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in [[n] for n in names]}
+    assert set(rows) == set(names)
     assert rows["fp32"][1:3] == ["1.000", "3/3"] and float(rows["fp32"][-1]) == 0
+    assert rows["fp32-prepared"][1:3] == ["1.000", "3/3"]  # the lean decode step: the same tokens as the forward
     assert all(abs(float(r[-1])) < 0.05 for r in rows.values())  # eval-loss deltas: small for a random model
