@@ -228,7 +228,7 @@ def build_engine(args, checkpoint: Path):
     model, tokenizer = load_checkpoint(checkpoint, device)
     prepare_model(model, resolve_inference_dtype(args.dtype, device))
     engine = Engine(model, max_batch=args.max_batch or max(args.clients), max_queue=max(64, 2 * max(args.clients)),
-                    bos_id=tokenizer.bos_id)
+                    bos_id=tokenizer.bos_id, threads=args.threads or "auto")
     return engine.start(), tokenizer
 
 
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch", type=int, help="the engine's / server's max batch (default: the most clients)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads of the server / engine (default torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of the engine's steps (default: the engine's 'auto' choice, timed at start)")
     p.add_argument("--byte-tokenizer", action="store_true", help="the random model uses the byte-level tokenizer")
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--quick", action="store_true", help="a smoke run: engine-only, clients 1 and 2, 8 tokens")
@@ -265,10 +266,11 @@ def main(argv: list[str] | None = None) -> None:
         mode = "engine in-process" if args.engine_only else "HTTP server on 127.0.0.1"
         print(f"{mode}: {checkpoint if args.checkpoint else 'random nano' + (' (byte tokenizer)' if args.byte_tokenizer else '')}, max_tokens={args.max_tokens}, "
               f"temperature={args.temperature}, dtype={args.dtype}, device={args.device}, threads="
-              f"{args.threads or 'torch default'}, {args.requests_per_client} requests per client; load {load:.2f}")
+              f"{args.threads or 'auto'}, {args.requests_per_client} requests per client; load {load:.2f}")
         if args.engine_only:
             engine, tokenizer = build_engine(args, checkpoint)
             driver, stop = EngineDriver(engine, tokenizer, args.max_tokens, args.temperature), engine.stop
+            threads_in_use = lambda: engine.stats().threads  # noqa: E731
         else:
             from tests.test_serve_fixtures import LiveServer
 
@@ -276,12 +278,15 @@ def main(argv: list[str] | None = None) -> None:
                      str(max(64, 2 * max(args.clients))), "--dtype", args.dtype]
             server = LiveServer(checkpoint, *extra, device=args.device, threads=args.threads, log_dir=Path(tmp))
             driver, stop = HttpDriver(server.url, args.max_tokens, args.temperature), server.stop
+            threads_in_use = lambda: server.health().get("threads")  # noqa: E731
         try:
             run_level(driver, 1, 2, 30)  # warm-up: first-call allocations
             rows = [run_level(driver, c, args.requests_per_client, args.seconds) for c in args.clients]
+            threads = threads_in_use()
         finally:
             stop()
     print_table(rows, args.markdown)
+    print(f"intra-op threads of the engine's steps: {threads}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average at the end: {load:.2f}")
 
