@@ -81,14 +81,17 @@ def test_llama_copy_has_our_loss_and_synthetic_targets_match_hf_shift():
     torch.testing.assert_close(theirs, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_bench_step_is_one_clipped_adamw_update_for_ours_and_for_llama():
+def test_bench_step_is_one_adamw_update_for_ours_and_for_llama():
     # The benchmark step (the Trainer's own) against one written here: cross-entropy, backward, clip to
-    # norm 1, AdamW (lr 1e-4, decay 0.1 on matrices only). transformers' copy goes through the same step.
+    # norm 1, AdamW (lr 1e-4, decay 0.1 on matrices only); transformers' copy goes through the same step.
+    # The updates are compared, not the weights: at lr 1e-4 the decay moves a weight by ~1e-7, about 0.2%
+    # of its update (by norm); a handful of entries whose gradient is near AdamW's eps may differ by ~1e-7.
     from cogni_mamba.export import to_transformers
 
     cpu = torch.device("cpu")
     ours = CogniMamba(SMALL)
     ref, hf = copy.deepcopy(ours), to_transformers(copy.deepcopy(ours))
+    before, hf_before = params_of(ours), params_of(hf)
     x, y = common.synthetic_batch(SMALL.vocab_size, 4, 16, seed=1, device=cpu)
     got = common.bench_trainer(ours, [(x[:2], y[:2]), (x[2:], y[2:])], "fp32", cpu).train_step()
     got_hf = common.bench_trainer(common.LlamaLoss(hf), [(x, y)], "fp32", cpu, model_config=SMALL).train_step()
@@ -96,18 +99,23 @@ def test_bench_step_is_one_clipped_adamw_update_for_ours_and_for_llama():
     loss = F.cross_entropy(ref(x).reshape(-1, SMALL.vocab_size), y.reshape(-1), ignore_index=-100)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-    params = list(ref.parameters())
-    torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
-                       {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=1e-4).step()
+    matrices = [p for p in ref.parameters() if p.dim() >= 2]
+    vectors = [p for p in ref.parameters() if p.dim() < 2]
+    torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}],
+                      lr=1e-4).step()
 
     assert got.applied and got_hf.applied
     want_loss = float(loss.detach())
     assert got.loss == pytest.approx(want_loss, rel=1e-5) and got_hf.loss == pytest.approx(want_loss, rel=1e-5)
-    for (name, a), b in zip(ours.named_parameters(), ref.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
-    want = to_transformers(ref).state_dict()
-    for name, t in hf.state_dict().items():
-        torch.testing.assert_close(t, want[name], rtol=1e-4, atol=1e-6, msg=name)
+    for want, got_now, start in ((params_of(ref), params_of(ours), before),
+                                 (params_of(to_transformers(ref)), params_of(hf), hf_before)):
+        for name, w in want.items():
+            update = w - start[name]
+            assert float((got_now[name] - start[name] - update).norm() / update.norm()) < 3e-4, name
+
+
+def params_of(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def test_measure_times_the_trainers_own_step(monkeypatch):
