@@ -261,19 +261,20 @@ def test_dropout_only_in_training():
         assert not torch.equal(model(ids), model(ids))
 
 
-def test_sdpa_matches_softmax_reference_under_bf16_autocast():
-    # The fused bf16 attention (GQA, as the model calls it under autocast) against the naive softmax
-    # attention computed in fp32 from the same bf16-rounded q, k, v: equal to within bf16 rounding.
+def test_attention_under_bf16_autocast_matches_the_naive_reference():
+    # The model's attention layer run as training runs it (bf16 autocast, GQA) against the naive softmax
+    # attention in fp32 over q, k, v from the same bf16-rounded input: equal to within bf16 rounding.
     model = CogniMamba(ModelConfig(**SMALL)).eval()
+    attn = model.layers[0].attention
     x = torch.randn(2, 16, 64)
+    cos, sin = model.rotary(torch.arange(16), 16)
     with torch.no_grad():
-        q, k, v, _, attn = _attention_io(model, x)
-        q16, k16, v16 = q.bfloat16(), k.bfloat16(), v.bfloat16()
-        fused = F.scaled_dot_product_attention(q16, k16, v16, is_causal=True, enable_gqa=True)
-        rep = attn.n_heads // attn.n_kv_heads
-        ref = naive_attention(q16.float(), k16.float().repeat_interleave(rep, 1), v16.float().repeat_interleave(rep, 1))
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            whole = model(torch.randint(0, 97, (2, 16)))
-    assert fused.dtype == torch.bfloat16 and whole.dtype == torch.bfloat16
-    torch.testing.assert_close(fused.float(), ref, atol=2e-2, rtol=2e-2)
-    assert (fused.float() - ref).abs().max() < 0.1 * ref.abs().max()
+            out = attn(x, cos, sin)
+        q, k, v, _, _ = _attention_io(model, x.bfloat16().float())
+        rep = attn.n_heads // attn.n_kv_heads
+        y = naive_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+        ref = attn.wo(y.transpose(1, 2).reshape(2, 16, 64))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    assert (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
