@@ -91,14 +91,15 @@ def synthetic_batch(vocab: int, batch: int, seq_len: int, seed: int, device: tor
 
 
 def bench_trainer(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], precision: str,
-                  device: torch.device, *, compile: bool = False, model_config: ModelConfig | None = None):
+                  device: torch.device, *, compile: bool = False, model_config: ModelConfig | None = None,
+                  lr: float = 1e-4):
     """A Trainer (from `build_trainer`) whose `train_step()` is one optimizer step over `batches` as its
-    micro-batches (AdamW, lr 1e-4 held constant, weight decay 0.1, clip 1.0); nothing is written.
+    micro-batches (AdamW, `lr` held constant, weight decay 0.1, clip 1.0); nothing is written.
 
     `model` is our CogniMamba, or an adapter (`LlamaLoss`, `WithLogits`) with the same call;
     `model_config` (default `model.config`) is the shape the Trainer records in its Config."""
     B = batches[0][0].shape[0]
-    cfg = TrainConfig(batch_size=B, grad_accum=len(batches), max_steps=10**9, lr=1e-4, min_lr=1e-4, warmup_steps=0,
+    cfg = TrainConfig(batch_size=B, grad_accum=len(batches), max_steps=10**9, lr=lr, min_lr=lr, warmup_steps=0,
                       weight_decay=0.1, grad_clip=1.0, precision=precision, compile=compile, log_to=[])
     config = Config(model=model_config or model.config, train=cfg)
     unused = Path(tempfile.gettempdir()) / f"cogni-bench-{os.getpid()}-never-written"

@@ -31,7 +31,7 @@ for path in (REPO, REPO / "benchmarks", REPO / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from common import RunSpec, TrainStep, model_config  # noqa: E402
+from common import RunSpec, bench_trainer, model_config  # noqa: E402
 
 from cogni_mamba.model import CogniMamba  # noqa: E402
 
@@ -66,16 +66,16 @@ def check_precision(args, device: torch.device) -> list[str]:
     for precision in ["fp32", *precisions_here(device)]:
         model = CogniMamba(cfg).to(device)
         model.load_state_dict(init)
-        step = TrainStep(model, precision, device)
-        for group in step.optimizer.param_groups:
-            group["lr"] = 1e-3
+        trainer = bench_trainer(model, [batch], precision, device, lr=1e-3)  # the Trainer's own step
         if precision == "fp32":
             torch.set_float32_matmul_precision("highest")  # the reference: IEEE fp32, no TF32
-        losses[precision] = [step([batch]) for _ in range(args.steps)]
+        outcomes = [trainer.train_step() for _ in range(args.steps)]
+        losses[precision] = [o.loss for o in outcomes]
         torch.set_float32_matmul_precision("high" if device.type == "cuda" else "highest")
-        extra = f"; loss scale {step.scaler.get_scale():g}, skipped steps {step.skipped}" if precision == "fp16" else ""
+        skipped = sum(not o.applied for o in outcomes)
+        extra = f"; loss scale {trainer.scaler.get_scale():g}, skipped steps {skipped}" if precision == "fp16" else ""
         print(f"{precision}: losses {' '.join(f'{x:.4f}' for x in losses[precision])}{extra}", flush=True)
-        del model, step
+        del model, trainer
     ref = losses["fp32"]
     for precision in precisions_here(device):
         rel = [abs(a - b) / abs(b) for a, b in zip(losses[precision], ref, strict=True)]
