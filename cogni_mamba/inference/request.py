@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 
 from ..config import GenerationConfig
 from ..errors import CogniError
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 
 class EngineBusy(CogniError):
@@ -28,7 +25,7 @@ class Request:
     layer), "length" (max_new_tokens, or the context is full), "cancelled" or "error" (`error` says why).
     """
 
-    def __init__(self, engine: Engine, prompt: list[int], settings: GenerationConfig, stop_ids: frozenset[int],
+    def __init__(self, engine: Any, prompt: list[int], settings: GenerationConfig, stop_ids: frozenset[int],
                  generator: torch.Generator | None, index: int = 0):
         self._engine = engine
         self.prompt = prompt
