@@ -132,16 +132,15 @@ def test_web_chat_leaves_out_the_oldest_turns_when_the_context_is_full(page, tin
 
 
 @pytest.mark.slow
-def test_a_ten_turn_conversation_with_a_256_token_model_keeps_answering(tmp_path):
+def test_a_ten_turn_conversation_with_a_256_token_model_keeps_answering(page, tmp_path):
     """The demo model's case: context 256, 128 tokens a reply. From the third turn the history no longer fits;
     every turn must still be answered, from the newest exchanges that fit, as greedy decoding of what was sent."""
     import json
 
     small = make_tiny_checkpoint(tmp_path / "run", context=256)
-    with live_server(small.path) as server, sync_api.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+    with live_server(small.path) as server:
+        page = page.context.browser.new_page()  # the module's browser (one Playwright per process), a new tab
         try:
-            page = browser.new_page()
             page.set_default_timeout(60_000)
             page.goto(server.url + "/")
             page.fill("#system", "Be kind.")
@@ -163,4 +162,4 @@ def test_a_ten_turn_conversation_with_a_256_token_model_keeps_answering(tmp_path
             assert page.locator(".msg.assistant").count() == 10
             assert all(n.startswith("128 tokens") for n in notes) and "left out" in notes[-1]
         finally:
-            browser.close()
+            page.close()
