@@ -103,7 +103,7 @@ class FastDecoder:
 
     def _norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.exact:
-            return torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], weight, self.eps)[0]
+            return F.rms_norm(x, (x.shape[-1],), weight, self.eps)  # in fp32 the same bits as RMSNorm
         return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-30)  # weight * sqrt(dim) folded
 
     def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:

@@ -174,7 +174,7 @@ def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor):
 
     with warnings.catch_warnings():  # quantized tensors are marked deprecated, but are fbgemm's way in
         warnings.simplefilter("ignore")
-        torch.backends.quantized.engine = "fbgemm"
+        torch.backends.quantized.engine = "fbgemm"  # process-wide; the default "x86" engine's was 1.5x slower
         zero = torch.zeros(scale.shape, dtype=torch.long)
         q = torch._make_per_channel_quantized_tensor(weight, scale.double(), zero, 0)  # exactly these int8 rows
         return torch.ops.quantized.linear_prepack(q, None)
