@@ -122,7 +122,10 @@ async def _events(state: Any, job: Job, wake: asyncio.Event) -> AsyncIterator[tu
                 if ended and request.error is not None:
                     log.error("generation failed: %s", request.error)
                     raise request.error
-                for piece in text_pieces(request, text, tokens, ended):
+                # The text of every token made since the last look goes out as one piece: when the event loop
+                # falls behind the engine (many clients on few cores) it sends fewer, longer chunks, not a backlog.
+                piece = "".join(text_pieces(request, text, tokens, ended))
+                if piece:
                     yield i, piece
                 if ended or text.stopped:
                     running.remove(i)
