@@ -128,7 +128,7 @@ def run_all(specs: list[dict], parallel: int) -> list[dict]:
     while pending or running:
         while pending and len(running) < parallel:
             spec = pending.pop(0)
-            log = open(Path(spec["out"]).with_suffix(".log"), "w")  # noqa: SIM115 (closed when the process ends)
+            log = open(spec["out"] + ".log", "w")  # noqa: SIM115 (closed when the process ends)
             proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
                                     stdout=log, stderr=subprocess.STDOUT)
             running.append((spec, proc, log))
