@@ -43,17 +43,10 @@ def fused_linear(linears: list[nn.Module], in_scale: torch.Tensor | None = None)
 
 
 def kernel(linear: nn.Module):
-    """`linear` as a plain function of a 2-D input, skipping the module call: the kernel its kind runs."""
-    from .precision import INT8_REDUCE_RANGE, Int8Linear, PackedLinear
-
-    if isinstance(linear, Int8Linear):
-        if linear.packed is not None:
-            packed, op = linear.packed, torch.ops.quantized.linear_dynamic
-            return lambda x: op(x, packed, INT8_REDUCE_RANGE) if x.dtype == torch.float32 else linear(x)
-        return linear
-    if isinstance(linear, PackedLinear):
-        packed, op = linear.packed, torch.ops.mkldnn._linear_pointwise
-        return lambda x: op(x, packed, None, "none", [], "")
+    """`linear` as a plain function of a 2-D input, skipping the module call: the kernel its kind runs
+    (`PackedLinear` and `Int8Linear` say which through their own `kernel()`)."""
+    if hasattr(linear, "kernel"):
+        return linear.kernel()
     weight = linear.weight.detach()
     return lambda x: F.linear(x, weight)
 

@@ -96,6 +96,11 @@ class PackedLinear(nn.Module):
             return F.linear(x, self.weight)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
 
+    def kernel(self):
+        """The product for bf16 inputs as a plain function (the lean decode step calls it directly)."""
+        packed, op = self.packed, torch.ops.mkldnn._linear_pointwise
+        return lambda x: op(x, packed, None, "none", [], "")
+
 
 def pack_linears(model: nn.Module) -> nn.Module:
     """Replace every bias-free bf16 nn.Linear of `model` (in place) with a PackedLinear."""
@@ -144,6 +149,13 @@ class Int8Linear(nn.Module):
         else:
             y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale.to(x.dtype))
         return y.view(*shape[:-1], self.out_features)
+
+    def kernel(self):
+        """The product as a plain function (the lean decode step calls it directly)."""
+        if self.packed is None:
+            return self
+        packed, op = self.packed, torch.ops.quantized.linear_dynamic
+        return lambda x: op(x, packed, INT8_REDUCE_RANGE) if x.dtype == torch.float32 else self(x)
 
     def dequantized(self) -> torch.Tensor:
         """The float weight this layer stands for: (out, in)."""
