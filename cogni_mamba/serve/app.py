@@ -106,22 +106,26 @@ def sse(data: Any) -> str:
 async def stream_events(fmt, job: Job, events: AsyncIterator[tuple[int, str | None]],
                         include_usage: bool) -> AsyncIterator[str]:
     """OpenAI's chunk sequence: an opening chunk per choice, one per text piece, each choice's finish reason as
-    it ends, usage, [DONE]. Every chunk carries one choice, named by its `index`."""
-    for index in range(job.n):
-        opening = fmt.opening(index)
-        if opening is not None:
-            yield sse(opening)
+    it ends, usage, [DONE]. Every chunk carries one choice, named by its `index`.
+
+    Events no client waits for share the next one's write: the openings go out with the first piece, a finish
+    chunk with what follows it. Each write is a socket send for which the event loop must get the GIL back
+    from the engine's thread (about 0.3 ms each at 8 clients on 2 busy cores).
+    """
+    held = "".join(sse(opening) for opening in map(fmt.opening, range(job.n)) if opening is not None)
     try:
         async for index, piece in events:
-            finished = None if piece is not None else job.finish_reason(index)
-            yield sse(fmt.chunk(piece or "", finished, index))
+            if piece is None:
+                held += sse(fmt.chunk("", job.finish_reason(index), index))
+                continue
+            yield held + sse(fmt.chunk(piece, None, index))
+            held = ""
     except Exception as e:  # the status line has gone out already, so the error travels as an event
-        yield sse(ApiError(f"Generation failed: {e}", status=500, type="server_error").body())
-        yield sse("[DONE]")
+        yield held + sse(ApiError(f"Generation failed: {e}", status=500, type="server_error").body()) + sse("[DONE]")
         return
     if include_usage:
-        yield sse(fmt.usage_chunk(usage(job)))
-    yield sse("[DONE]")
+        held += sse(fmt.usage_chunk(usage(job)))
+    yield held + sse("[DONE]")
 
 
 async def respond(request: Request, state: ServerState, job: Job, req: SamplingRequest, fmt) -> Response:
