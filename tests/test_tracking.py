@@ -82,3 +82,31 @@ def test_wandb_offline_run_holds_the_last_values(tmp_path, monkeypatch):
     trackers.close()
     assert wandb.run is None
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_trackio_local_run_reads_back_as_logged(tmp_path):
+    pytest.importorskip("trackio", reason="trackio is optional (pip install trackio)")
+    import json
+    import os
+    import subprocess
+
+    # trackio fixes its storage folder when imported, so the run goes in a fresh interpreter
+    code = """
+import json
+from cogni_mamba.train.tracking import Trackers
+from trackio.sqlite_storage import SQLiteStorage
+trackers = Trackers(["trackio"], RUN_DIR, {"train": {"lr": 1e-3}})
+for step, loss in ((1, 3.0), (2, 2.5)):
+    trackers.log({"step": step, "loss": loss, "lr": 1e-3, "note": "not a number"})
+trackers.log({"step": 2, "val_loss": 2.25})
+trackers.close()
+print(json.dumps(SQLiteStorage.get_logs("cogni-mamba", run="run7")))
+""".replace("RUN_DIR", repr(str(tmp_path / "run7")))
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout.strip().splitlines()[-1])
+    got = {(r["step"], k): v for r in rows for k, v in r.items() if k.startswith(("train/", "val/"))}
+    assert got == {(1, "train/loss"): 3.0, (1, "train/lr"): 1e-3, (2, "train/loss"): 2.5, (2, "train/lr"): 1e-3,
+                   (2, "val/loss"): 2.25}
+    assert (tmp_path / "trackio" / "cogni-mamba.db").is_file()  # stored where TRACKIO_DIR says, offline
