@@ -21,6 +21,7 @@ from cogni_mamba.config import GenerationConfig, ModelConfig
 from cogni_mamba.inference import Engine, EngineBusy, TextStream, greedy_settings, stream_text
 from cogni_mamba.model import CogniMamba
 from cogni_mamba.tokenizer import SimpleTokenizer
+from tests.references import naive_greedy
 
 CONTEXT = 192
 
@@ -35,24 +36,6 @@ def byte_model(context: int = CONTEXT) -> CogniMamba:
     with torch.no_grad():
         model.tok_embeddings.weight[256:] = 0
     return model
-
-
-@torch.no_grad()
-def naive_greedy(model, prompt: list[int], n: int, *, stop_ids=(), penalty: float = 1.0) -> list[int]:
-    """Argmax by full recomputation, no cache; stops at a stop id (not included), after n tokens, or
-    when the sequence fills the context (the last token is predicted from a full context)."""
-    ids, out = list(prompt), []
-    while len(out) < n and len(ids) <= model.config.max_seq_len:
-        logits = model(torch.tensor([ids]))[0, -1].double().tolist()
-        if penalty != 1.0:
-            for t in set(ids):
-                logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
-        best = max(range(len(logits)), key=logits.__getitem__)
-        if best in stop_ids:
-            break
-        out.append(best)
-        ids.append(best)
-    return out
 
 
 def text_of(ids: list[int]) -> str:

@@ -23,6 +23,7 @@ from cogni_mamba.generate import (
 )
 from cogni_mamba.inference import Engine
 from cogni_mamba.model import CogniMamba
+from tests.references import naive_greedy
 
 GREEDY = GenerationConfig(temperature=0.0, top_k=None, top_p=None, max_new_tokens=200)
 
@@ -42,24 +43,6 @@ def generate(model, prompt: list[int], settings: GenerationConfig, *, stop_ids=(
     """One request through the inference engine (read inline): an iterator of ids with a finish_reason."""
     return Engine(model, max_batch=2, bos_id=bos_id).submit(prompt, settings, stop_ids=stop_ids,
                                                              on_overflow=on_overflow)
-
-
-@torch.no_grad()
-def naive_greedy(model, prompt: list[int], n: int, penalty: float = 1.0, stop: int | None = None) -> list[int]:
-    """Argmax decoding that recomputes the whole sequence every step, without any cache."""
-    ids = list(prompt)
-    out = []
-    for _ in range(n):
-        logits = model(torch.tensor([ids]))[0, -1].double().tolist()
-        if penalty != 1.0:
-            for t in set(ids):
-                logits[t] = logits[t] / penalty if logits[t] > 0 else logits[t] * penalty
-        best = max(range(len(logits)), key=logits.__getitem__)
-        if best == stop:
-            break
-        out.append(best)
-        ids.append(best)
-    return out
 
 
 # --- the decode loop ------------------------------------------------------------------------------
@@ -110,7 +93,7 @@ def test_batch_rows_stop_independently():
     for r, prompt in enumerate(prompts):
         row = [s[r] for s in steps]
         made = row[:row.index(None)] if None in row else row
-        assert made == naive_greedy(model, prompt, 30, stop=stop)
+        assert made == naive_greedy(model, prompt, 30, stop_ids={stop})
         assert all(t is None for t in row[len(made):])  # once stopped, a row stays stopped
 
 

@@ -11,6 +11,7 @@ from cogni_mamba import CogniMamba, ModelConfig
 from cogni_mamba.errors import CogniError
 from cogni_mamba.inference import precision
 from cogni_mamba.inference.precision import Int8Linear, prepare_model, resolve_inference_dtype
+from tests.references import naive_greedy
 
 SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
 
@@ -67,15 +68,6 @@ def test_prepare_model_casts_weights_keeps_tying_and_fp32_rotary():
         assert torch.equal(p, reference[name].to(torch.bfloat16)), name
 
 
-def _greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy tokens by full recomputation (no cache): the reference decoding."""
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].float().argmax()))
-    return ids[len(prompt):]
-
-
 def _agreement(a: list[int], b: list[int]) -> float:
     """Fraction of steps before the first difference (after it the two continue different texts)."""
     first = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
@@ -97,7 +89,7 @@ def test_reduced_precision_logits_and_greedy_agreement_with_fp32(dtype, quantize
         ref, got = fp32(ids), low(ids).float()
     err = (got - ref).norm() / ref.norm()
     assert err < rel_tol, f"relative logit error {err:.4f}"
-    rates = [_agreement(_greedy(fp32, p, 16), _greedy(low, p, 16)) for p in ids[:, :8].tolist()]
+    rates = [_agreement(naive_greedy(fp32, p, 16), naive_greedy(low, p, 16)) for p in ids[:, :8].tolist()]
     with capsys.disabled():
         print(f"\n{dtype} quantize={quantize}: relative logit error {err:.4f}, greedy agreement with fp32 "
               f"(share of 16 tokens before the first difference) {[f'{r:.2f}' for r in rates]}")

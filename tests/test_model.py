@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cogni_mamba import CogniMamba, ModelConfig
 from cogni_mamba.config import PRESETS, preset

@@ -27,6 +27,7 @@ import torch
 from cogni_mamba.config import Config, ModelConfig
 from cogni_mamba.model import CogniMamba
 from cogni_mamba.tokenizer import SimpleTokenizer
+from tests.references import naive_greedy
 
 httpx = pytest.importorskip("httpx", reason="the server tests need httpx (the dev extra)")
 pytest.importorskip("fastapi", reason="the server tests need the serve extra (fastapi, uvicorn)")
@@ -78,15 +79,12 @@ def text_ids(specials: dict[str, int], prompt: str) -> list[int]:
 @torch.no_grad()
 def naive_greedy_text(model: CogniMamba, prompt: list[int], n: int) -> str:
     """Argmax decoding without any cache (the whole sequence each step); the new bytes as UTF-8 text."""
-    ids = list(prompt)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: extra threads only spin, badly so beside the server process
     try:
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+        new = naive_greedy(model, prompt, n)
     finally:
         torch.set_num_threads(threads)
-    new = ids[len(prompt):]
     assert all(t < 256 for t in new), "the tiny model picked a special token (its rows should score 0)"
     return bytes(new).decode("utf-8", errors="replace")
 
