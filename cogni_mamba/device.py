@@ -1,6 +1,9 @@
-"""Which device to run on, which precisions it supports, and which attention kernel SDPA picks."""
+"""Which device to run on, how much memory it has free, which precisions it supports, and which attention
+kernel SDPA picks."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,20 @@ def parse_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CogniError(f"Device {name!r} was asked for but CUDA is not available here; use --device cpu.")
     return device
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for a run: the GPU's free memory, or the RAM the kernel calls available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def cpu_has_native_bf16() -> bool:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
+from ..device import free_memory
 from ..stats import human_bytes, train_memory
 
 WARN_SHARE = 0.8
@@ -39,12 +40,6 @@ def free_disk(path: Path) -> int:
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free
-
-
-def free_memory(device: torch.device) -> int:
-    from ..plan import free_memory as free
-
-    return free(device)
 
 
 def _level(need: int, free: int) -> int:
