@@ -29,7 +29,6 @@ of what is free (RAM, or the GPU's free memory) is not taken.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, ModelConfig, replace
+from .device import free_memory
 from .errors import CogniError
 from .stats import human_bytes, param_counts, train_memory
 
@@ -145,20 +145,6 @@ class Plan:
                      f"{c.model.n_kv_heads} heads), {c.params:,} parameters, ~{c.tokens:,} tokens in ~{self.steps:,} "
                      f"steps, {human_bytes(c.memory)} to train; expected to finish about {finish}")
         return "\n".join(lines)
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free for a run: the GPU's free memory, or the RAM the kernel calls available."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 class _RandomBatches:
