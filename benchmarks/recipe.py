@@ -80,7 +80,7 @@ def worker(spec: dict) -> None:
     from cogni_mamba.evaluate import eval_stream, evaluate_stream, prepared_tokens, token_byte_lengths
     from cogni_mamba.model import CogniMamba
     from cogni_mamba.tokenizer import load_tokenizer
-    from cogni_mamba.train import Trainer
+    from cogni_mamba.train import build_trainer
 
     torch.set_num_threads(spec["threads"])
     tok = load_tokenizer(spec["tokenizer"])
@@ -105,8 +105,8 @@ def worker(spec: dict) -> None:
     T, B = cfg.data.seq_len, cfg.train.batch_size
     batches = TokenBatches(cfg.data.data_dirs, T, B, seed=cfg.data.seed)
     val = fixed_batches(cfg.data.data_dirs, T, B, cfg.train.eval_batches)
-    trainer = Trainer(model, batches, val, cfg.train, config=cfg, tokenizer=tok, out_dir=out, device=torch.device("cpu"),
-                      progress=False, log=lambda m: None)
+    trainer = build_trainer(model, batches, val, cfg.train, config=cfg, tokenizer=tok, out_dir=out,
+                            device=torch.device("cpu"), progress=False, log=lambda m: None)
     trainer.train()
     seconds = time.perf_counter() - start  # planning included
     curve = [(r["step"], r["val_loss"]) for r in trainer.metrics.read() if r.get("val_loss") is not None]

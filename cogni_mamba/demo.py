@@ -16,7 +16,6 @@ the `say` callback and returns a `DemoReport`.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
@@ -24,8 +23,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-
-import torch
 
 from .config import Config, apply_overrides, preset
 from .config import replace as replace_cfg
@@ -164,33 +161,11 @@ def demo_config(options: DemoOptions, out: Path) -> Config:
                        tokenizer=str(out / "tokenizer"))
 
 
-def seconds_per_step(model, batch: tuple[torch.Tensor, torch.Tensor], cfg: Config, device: torch.device) -> float:
-    """Wall time of one optimizer step, timed on a throwaway copy of the model (one warm-up, two timed)."""
-    from .train.precision import autocast, resolve_precision
-
-    precision = resolve_precision(cfg.train.precision, device)
-    probe = copy.deepcopy(model).to(device).train()
-    opt = torch.optim.AdamW(probe.parameters(), lr=cfg.train.lr)
-    x, y = (t.to(device) for t in batch)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(cfg.train.grad_accum):
-            with autocast(precision, device):
-                _, loss = probe(x, y)
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t0)
-    return min(times[1:])
-
-
 def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: bool, force: bool = False,
                 auto_size: bool = False) -> tuple[Config, dict]:
     """Train on the shards for `budget_s` seconds (the nano preset, or with `auto_size` the size
     `cogni-mamba plan` picks for the budget on this machine); returns the config used and the numbers."""
     from .train import build_trainer
-    from .train.budget import steps_in_budget
     from .train.build import pretraining_inputs
     from .train.distributed import pick_device
 
@@ -205,13 +180,13 @@ def train_model(cfg: Config, tokenizer, budget_s: float, say: Say, progress: boo
         cfg = apply_plan(cfg, plan)
         budget_s -= time.time() - start
     model, batches, val = pretraining_inputs(cfg)
-    step_s = seconds_per_step(model, val[0], cfg, device)
-    # An explicit train.max_steps (e.g. a test that wants the same model on any machine) wins over the plan.
-    steps = cfg.train.max_steps or steps_in_budget(budget_s, step_s, cfg.train)
-    cfg = replace_cfg(cfg, train=replace_cfg(cfg.train, max_steps=steps, max_minutes=budget_s / 60))
+    # The clock is the budget: the trainer fits its schedule to the pace as it goes (longer or shorter),
+    # so a slow first measurement does not cut the run short. An explicit train.max_steps (a test that
+    # wants the same model on any machine) caps it.
+    cfg = replace_cfg(cfg, train=replace_cfg(cfg.train, max_minutes=budget_s / 60))
     B, T = cfg.train.batch_size, cfg.data.seq_len
     say(f"training: {model.num_parameters() / 1e6:.1f}M parameters on {device.type}, {B} x {T} tokens per step, "
-        f"{step_s:.2f} s/step -> {steps} steps in at most {budget_s / 60:.1f} min")
+        f"for {budget_s / 60:.1f} min" + (f" or {cfg.train.max_steps} steps" if cfg.train.max_steps else ""))
     trainer = build_trainer(model, batches, val, cfg.train, config=cfg, tokenizer=tokenizer,
                             out_dir=cfg.train.out_dir, device=device, progress=progress, log=say, force=force)
     initial = trainer.evaluate()

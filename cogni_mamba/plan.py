@@ -165,14 +165,14 @@ class _RandomBatches:
 def measure(model_cfg: ModelConfig, cfg: Config, device: torch.device, seconds: float) -> tuple[float, str]:
     """(tokens per second, precision) of the Trainer's step for this model, timed after one warm-up step."""
     from .model import CogniMamba
-    from .train import Trainer
+    from .train import build_trainer
 
     torch.manual_seed(0)
     model = CogniMamba(model_cfg)
     train = replace(cfg.train, max_steps=10**9, max_minutes=None, compile=False, log_to=[])
     with tempfile.TemporaryDirectory(prefix="cogni-plan-") as tmp:
-        trainer = Trainer(model, _RandomBatches(train.batch_size, cfg.data.seq_len, model_cfg.vocab_size), None,
-                          train, out_dir=Path(tmp), device=device, progress=False, log=lambda m: None)
+        trainer = build_trainer(model, _RandomBatches(train.batch_size, cfg.data.seq_len, model_cfg.vocab_size), None,
+                                train, out_dir=Path(tmp), device=device, progress=False, log=lambda m: None)
         trainer.train_step()  # warm-up: allocator, kernels, optimizer state
         tokens, start = 0, time.perf_counter()
         while True:

@@ -17,18 +17,8 @@ from cogni_mamba.config import preset
 from cogni_mamba.corpus import CorpusSpec
 from cogni_mamba.demo import DemoOptions, build_corpus, demo_config, vocabulary_rate
 from cogni_mamba.errors import CogniError
-from cogni_mamba.train.trainer import steps_in_budget
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def test_steps_in_budget_counts_evaluations():
-    cfg = demo_config(DemoOptions(), Path("x"))
-    assert (cfg.train.eval_batches, cfg.train.eval_interval, cfg.train.grad_accum) == (8, 50, 1)
-    # 1 s per step plus, every 50 steps, 8 forward-only batches at a third of a step each:
-    # 100 / (1 + 8/3/50) = 94.9 steps.
-    assert steps_in_budget(100.0, 1.0, cfg.train) == 94
-    assert steps_in_budget(0.1, 1.0, cfg.train) == 1
 
 
 def test_demo_config_is_the_nano_preset_pointed_at_the_demo_folders(tmp_path):

@@ -36,7 +36,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, metavar="N", help="optimizer steps (default: train.epochs epochs)")
     p.add_argument("--precision", choices=PRECISIONS, help="auto (default), bf16, fp16 (CUDA) or fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--minutes", type=float, metavar="M", help="a wall-clock budget (train.max_minutes)")
+    p.add_argument("--minutes", type=float, metavar="M",
+                   help="a wall-clock budget (train.max_minutes): the run lasts M minutes, its schedule fitted to "
+                        "the pace as it goes (--max-steps still caps it; the epoch count does not)")
     p.add_argument("--auto-size", action="store_true",
                    help="with --minutes: measure model sizes on this machine and train the best one for the budget "
                         "(see `cogni-mamba plan`)")

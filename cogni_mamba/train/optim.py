@@ -110,6 +110,11 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, device_type: str) -> tor
                      momentum=cfg.muon_momentum, betas=betas, fused=fused)
 
 
+def wsd_decay_start(cfg: TrainConfig, total_steps: int) -> int:
+    """The first step of the warmup-stable-decay schedule's decay: the last `decay_fraction` of the steps."""
+    return max(cfg.warmup_steps, total_steps - max(1, round(cfg.decay_fraction * total_steps)))
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int, scale: float = 1.0) -> float:
     """The learning rate of optimizer step `step` (0-based).
 
@@ -122,8 +127,7 @@ def lr_at(step: int, cfg: TrainConfig, total_steps: int, scale: float = 1.0) -> 
     if step < cfg.warmup_steps:
         return scale * cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.schedule == "wsd":
-        decay_steps = max(1, round(cfg.decay_fraction * total_steps))
-        decay_start = max(cfg.warmup_steps, total_steps - decay_steps)
+        decay_start = wsd_decay_start(cfg, total_steps)
         if step < decay_start:
             return scale * cfg.lr
         progress = min(1.0, (step - decay_start) / max(1, total_steps - decay_start))

@@ -26,7 +26,7 @@ from ..config import Config, TrainConfig, to_dict
 from ..errors import CogniError
 from ..stats import flops_per_token
 from . import checkpoint as ckpt
-from .budget import fit_to_budget, schedule_length, steps_in_budget  # noqa: F401  (steps_in_budget: the demo's)
+from .budget import fit_to_budget, schedule_length, step_limit
 from .distributed import (
     DistInfo,
     all_reduce_mean,
@@ -43,7 +43,7 @@ from .distributed import (
 )
 from .guards import STOP_REASONS, StopSignals, is_out_of_memory, oom_advice, roll_back, stop_wish
 from .metrics import MetricsLog, device_peak_flops, plot_losses
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import build_optimizer, lr_at, set_lr, wsd_decay_start
 from .precision import autocast, load_scaler_state, make_scaler, resolve_precision
 from .preflight import preflight_findings
 from .results import StepOutcome, TrainResult
@@ -85,6 +85,7 @@ class Trainer:
         self.tokenizer = tokenizer
         self.out_dir = Path(out_dir or cfg.out_dir)
         self.total_steps, self.steps_per_epoch = schedule_length(cfg, train_batches)
+        self.step_limit = step_limit(cfg, self.total_steps)  # None: the time budget ends the run
         self.progress = progress and self.dist.is_main
         self._log = log
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl")
@@ -353,10 +354,12 @@ class Trainer:
                             tok_s=f"{tok_s:,.0f}", refresh=False)
 
     def _fit_schedule(self, elapsed: float, steps_taken: int, budget_s: float, bar: Any) -> None:
-        """Shorten the schedule so it ends within the time budget (the smallest fit over ranks)."""
-        fit = min_over_ranks(fit_to_budget(self.step, steps_taken, elapsed, budget_s, self.total_steps),
-                             self.dist, self.device)
-        if fit < self.total_steps:
+        """Fit the schedule to end with the time budget (the smallest fit over ranks): shorter, or, for a
+        warmup-stable-decay schedule whose decay has not begun, longer too (up to train.max_steps)."""
+        may_grow = self.cfg.schedule == "wsd" and self.step < wsd_decay_start(self.cfg, self.total_steps)
+        fit = min_over_ranks(fit_to_budget(self.step, steps_taken, elapsed, budget_s, self.total_steps,
+                                           may_grow=may_grow, limit=self.step_limit), self.dist, self.device)
+        if fit != self.total_steps:
             self.total_steps = fit
             bar.total = fit
             bar.refresh()
