@@ -108,35 +108,39 @@ TRACKERS = ("tensorboard", "wandb", "trackio")  # experiment trackers beside met
 class TrainConfig:
     """Optimisation, precision, evaluation and checkpointing settings."""
 
+    # what one step sees, and how long the run is
     batch_size: int = 4  # micro batch per process
     grad_accum: int = 8
-    epochs: int = 3
     max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    epochs: int = 3
     max_minutes: float | None = None  # wall-clock budget for the run
+    seed: int = 1337
+    # optimizer and learning-rate schedule
     optimizer: str = "adamw"
     lr: float = 3e-4
     min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
     schedule: str = "cosine"
     warmup_steps: int = 100
     decay_fraction: float = 0.2  # wsd: the last fraction of the steps that decays from lr to min_lr
-    muon_momentum: float = 0.95
-    weight_decay: float = 0.1
-    beta1: float = 0.9
+    beta1: float = 0.9  # AdamW's (and, with Muon, the embedding's and norms')
     beta2: float = 0.95
-    grad_clip: float = 1.0
+    muon_momentum: float = 0.95
+    # how the step runs
     precision: str = "auto"
     compile: bool = False
+    parallel: str = "ddp"  # several processes: "ddp", or "fsdp" for a model too big for one GPU
+    # evaluation, logs and checkpoints
     eval_interval: int = 200
     eval_batches: int = 20
     log_interval: int = 10
+    log_to: list[str] = field(default_factory=list)  # trackers besides metrics.jsonl: tensorboard, wandb, trackio
     save_interval: int = 1000
     keep_last: int = 3
-    seed: int = 1337
     out_dir: str = "runs/default"
-    max_bad_steps: int = 5  # non-finite steps in a row before rolling back to the last good checkpoint
-    parallel: str = "ddp"  # several processes: "ddp", or "fsdp" for a model too big for one GPU
-    log_to: list[str] = field(default_factory=list)  # trackers besides metrics.jsonl: tensorboard, wandb, trackio
     on_save_error: str = "stop"  # a failed save (disk full): "stop" the run, or "continue" and retry at the next
+    max_bad_steps: int = 5  # non-finite steps in a row before rolling back to the last good checkpoint
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "grad_accum", "epochs", "eval_interval", "eval_batches", "log_interval",
@@ -368,8 +372,10 @@ def load_config(path: str | Path, base: Config | None = None) -> Config:
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the whole config as indented JSON."""
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    """Write the whole config as indented JSON (atomically: a reader never sees half a file)."""
+    from .files import write_text_atomically
+
+    write_text_atomically(path, json.dumps(to_dict(cfg), indent=2) + "\n")
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:

@@ -37,6 +37,12 @@ def test_partial_file_keeps_preset_values(tmp_path):
     assert cfg.train.lr == 0.01 and cfg.model.dim == preset("nano").model.dim
 
 
+def test_info_save_config_writes_the_repo_config_json(tmp_path):
+    out = _cli("info", "--preset", "medium", "--save-config", str(tmp_path / "config.json"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "config.json").read_text() == (REPO / "config.json").read_text()  # the command made it
+
+
 def test_repo_config_json_is_the_default_medium():
     cfg = load_config(REPO / "config.json")
     assert cfg == preset("medium")  # every section, so a stale file (a missing field) fails here

@@ -13,11 +13,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--batch", type=int, default=4, help="micro batch for the training memory estimate (default 4)")
     p.add_argument("--seq", type=int, default=512, help="sequence length for the estimates (default 512)")
+    p.add_argument("--save-config", metavar="FILE",
+                   help="also write the whole resolved config to FILE as JSON (the repo's config.json is "
+                        "`info --preset medium --save-config config.json`)")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    if args.save_config:
+        from ..config import save_config
+
+        save_config(cfg, args.save_config)
     m = cfg.model
     p = stats.param_counts(m)
     fwd, train = stats.flops_per_token(m, args.seq)
