@@ -82,14 +82,41 @@ def process_logits(logits: torch.Tensor, settings: GenerationConfig, seen: torch
     return logits
 
 
+def sampling_candidates(logits: torch.Tensor, settings: GenerationConfig,
+                        seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `process_logits` leaves to draw from, cheaply: ((B, K) logits sorted from the most likely down, with
+    -inf where top-p / min-p drop a token; (B, K) their token ids). K is top_k when set (only those can survive,
+    so top-p sorts K values, not the vocabulary), else V. Same filters, same order, same distribution."""
+    logits = logits.float()
+    if seen is not None:
+        logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    logits = logits / settings.temperature
+    k = min(settings.top_k or logits.shape[-1], logits.shape[-1])
+    values, ids = torch.topk(logits, k, dim=-1)  # sorted, descending
+    if settings.top_p is not None and settings.top_p < 1.0:
+        probs = torch.softmax(values, dim=-1)
+        values = values.masked_fill(torch.cumsum(probs, dim=-1) - probs >= settings.top_p, NEG_INF)
+    if settings.min_p is not None and settings.min_p > 0.0:
+        probs = torch.softmax(values, dim=-1)
+        values = values.masked_fill(probs < settings.min_p * probs[:, :1], NEG_INF)
+    return values, ids
+
+
+def draw(values: torch.Tensor, ids: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One id per row from softmax(values) by the inverse CDF at `uniforms` ((B,) in [0, 1)): the first candidate
+    whose cumulative probability passes u. One random number a row, so each row can bring its own generator."""
+    cdf = torch.cumsum(torch.softmax(values, dim=-1), dim=-1)  # (B, K)
+    at = torch.searchsorted(cdf, (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1), right=True)
+    return ids.gather(-1, at.clamp_max(ids.shape[-1] - 1)).squeeze(-1)
+
+
 def sample(logits: torch.Tensor, settings: GenerationConfig, generator: torch.Generator | None = None,
            seen: torch.Tensor | None = None) -> torch.Tensor:
     """Next token per row, (B, V) logits -> (B,) ids: argmax at temperature 0, otherwise a draw."""
-    logits = process_logits(logits, settings, seen)
     if settings.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return process_logits(logits, settings, seen).argmax(dim=-1)
+    values, ids = sampling_candidates(logits, settings, seen)
+    return draw(values, ids, torch.rand(logits.shape[0], generator=generator, device=logits.device))
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:

@@ -15,9 +15,11 @@ from cogni_mamba.generate import (
     ContextOverflowError,
     apply_repetition_penalty,
     decode_n,
+    draw,
     min_p_filter,
     process_logits,
     sample,
+    sampling_candidates,
     top_k_filter,
     top_p_filter,
 )
@@ -225,6 +227,30 @@ def test_filters_compose_in_order_penalty_temperature_top_k_top_p_min_p():
         r = naive_min_p(naive_top_p(naive_top_k([x / 0.7 for x in r], 20), 0.8), 0.05)
         assert [x == -math.inf for x in out] == [x == -math.inf for x in r]
         assert [x for x in out if x != -math.inf] == pytest.approx([x for x in r if x != -math.inf], rel=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [20, None])
+def test_sampling_candidates_are_what_process_logits_leaves(top_k):
+    logits = random_logits(11).float()
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    seen[:, ::3] = True
+    cfg = GenerationConfig(temperature=0.7, top_k=top_k, top_p=0.8, min_p=0.05, repetition_penalty=1.5)
+    full = process_logits(logits, cfg, seen)  # checked against the naive filters above
+    values, ids = sampling_candidates(logits, cfg, seen)
+    for f_row, v_row, i_row in zip(full.tolist(), values.tolist(), ids.tolist(), strict=True):
+        kept = {i: x for i, x in enumerate(f_row) if x != -math.inf}
+        got = {i: x for i, x in zip(i_row, v_row, strict=True) if x != -math.inf}
+        assert got.keys() == kept.keys()
+        assert [got[i] for i in sorted(got)] == pytest.approx([kept[i] for i in sorted(kept)], rel=1e-5)
+
+
+def test_draw_is_the_inverse_cdf():
+    values = torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.0, 0.5]]).log()  # the second row's middle one is dropped
+    ids = torch.tensor([[7, 3, 9], [4, 5, 6]])
+    # row 0's cumulative probabilities are 0.5, 0.8, 1.0: u picks the first that passes it
+    for u, want in ((0.0, 7), (0.49, 7), (0.5, 3), (0.79, 3), (0.81, 9), (0.999, 9)):
+        assert draw(values[:1], ids[:1], torch.tensor([u])).tolist() == [want]
+    assert draw(values[1:], ids[1:], torch.tensor([0.5])).tolist() == [6]  # never the dropped token
 
 
 def test_sampling_frequencies_follow_the_tempered_softmax():

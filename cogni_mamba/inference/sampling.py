@@ -1,8 +1,9 @@
 """Next tokens for a batch of rows that each carry their own sampling settings (one engine step), and the
 logits they are drawn from.
 
-Rows with equal settings are processed together (`process_logits` on their slice of the logits); a
-sampled row draws from its own generator, so a seeded request gives the same tokens in any batch.
+Rows with equal settings are processed together (their slice of the logits filtered at once); a sampled
+row draws its one uniform number from its own generator, so a seeded request gives the same tokens in any
+batch.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from ..config import GenerationConfig
-from ..generate import process_logits
+from ..generate import draw, process_logits, sampling_candidates
 
 
 def logits_at(model, ids: torch.Tensor, cache, positions: Sequence[int]) -> torch.Tensor:
@@ -42,12 +43,13 @@ def pick_tokens(logits: torch.Tensor, settings: Sequence[GenerationConfig], seen
         else:
             group_logits = logits  # one set of settings for the whole batch (the usual case): no gather
         group_seen = torch.stack([seen[j] for j in members]) if s.repetition_penalty != 1.0 else None
-        processed = process_logits(group_logits, s, group_seen)  # (m, V)
         if s.temperature == 0:
-            picks = processed.argmax(dim=-1).tolist()
-        else:
-            probs = torch.softmax(processed, dim=-1)
-            picks = [int(torch.multinomial(probs[k], 1, generator=generators[j])) for k, j in enumerate(members)]
+            picks = process_logits(group_logits, s, group_seen).argmax(dim=-1).tolist()
+        else:  # one uniform number per row from the row's own generator, then one batched draw
+            values, ids = sampling_candidates(group_logits, s, group_seen)
+            uniforms = torch.cat([torch.rand(1, generator=generators[j], device=generators[j].device)
+                                  if generators[j] is not None else torch.rand(1) for j in members])
+            picks = draw(values, ids, uniforms.to(values.device)).tolist()
         for k, j in enumerate(members):
             chosen[j] = picks[k]
     return chosen
