@@ -259,3 +259,14 @@ def test_data_does_not_import_the_corpus_until_the_builtin_source_is_used():
             "print(s.description)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "builtin:size=2k", out.stderr
+
+
+def test_qa_tables_read_as_written():
+    from cogni_mamba.corpus.dialogues import ABOUT_SELF, read_qa_tables
+
+    text = "# a comment\n\n[ONE]\nHi? | Hello?\nAnswer one.\nAnswer two.\n\nWhy?\nBecause.\n\n[TWO]\nQ?\nA {slot}.\n"
+    assert read_qa_tables(text) == {"ONE": ((("Hi?", "Hello?"), ("Answer one.", "Answer two.")),
+                                            (("Why?",), ("Because.",))),
+                                    "TWO": ((("Q?",), ("A {slot}.",)),)}
+    assert ABOUT_SELF[0][0] == ("What is your name?", "Who are you?", "What are you called?")
+    assert all(questions and answers for questions, answers in ABOUT_SELF)

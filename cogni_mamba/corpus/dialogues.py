@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from itertools import pairwise
+from pathlib import Path
 
 from ..tokenizer.chat_template import render_chat_text
 from ..tokenizer.specials import EOS_TOKEN
@@ -46,38 +47,25 @@ GREETING_OPENERS = ("Hello!", "Hi!", "Hey!", "Hello there!", "Hi there!", "Greet
 GREETING_FOLLOWUPS = ("How can I help you today?", "It is nice to talk to you.", "What would you like to talk about?",
                       "Do you want to hear a story?", "I am happy to see you.", "How are you today?",
                       "What can I do for you?", "I am Cogni. How can I help?")
-ABOUT_SELF = (
-    (("What is your name?", "Who are you?", "What are you called?"),
-     ("My name is Cogni. I am a small language model.", "I am Cogni, a small and friendly language model.",
-      "I am called Cogni. I am a language model that likes stories.")),
-    (("What can you do?", "How can you help me?", "What are you good at?"),
-     ("I can tell you stories, answer simple questions, and count with you.",
-      "I can tell stories and talk with you about colours, animals and numbers.")),
-    (("How are you?", "How are you today?", "Are you happy?"),
-     ("I am happy and ready to help. How are you?", "I am very well, thank you for asking!",
-      "I feel great today. Thank you!")),
-    (("Are you a robot?", "Are you a person?", "Are you real?"),
-     ("I am not a person. I am a language model, a computer program that writes text.",
-      "I am a language model. I live inside a computer and I like to talk.")),
-    (("Where do you live?", "Where are you?"),
-     ("I live inside a computer.", "I am a program, so I live inside a computer.")),
-    (("Who made you?", "How were you made?"),
-     ("I was trained on many small stories and chats, one word at a time.",
-      "People trained me with a lot of text, so I learned to write stories and talk.")),
-)
-ABOUT_STORIES = (
-    (("Do you like stories?", "Do you like to tell stories?"),
-     ("Yes! I love stories about friends, animals and adventures.", "Yes, I like stories very much.")),
-    (("What is a story?", "What is in a story?"),
-     ("A story tells what happens to someone. It has a beginning, a middle and an end.",
-      "A story is about characters, a place, a problem, and how the problem is solved.")),
-    (("What is your favourite story?", "Which story do you like best?"),
-     ("I like the story about {hero_intro} who finds {sight}.",
-      "My favourite story is about {hero_intro} and {his} {colour} {object}.")),
-    (("What makes a good friend?", "Why is sharing good?"),
-     ("A good friend is kind, shares, and helps when you are sad.",
-      "Sharing is good because it makes everyone happy.")),
-)
+
+
+def read_qa_tables(text: str) -> dict[str, tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]]:
+    """The tables of qa.txt: name -> ((questions, answers), ...). See the file's own header for its layout."""
+    tables: dict[str, list] = {}
+    name = None
+    for block in text.split("\n\n"):
+        lines = [line for line in block.splitlines() if line and not line.startswith("#")]
+        if lines and lines[0].startswith("[") and lines[0].endswith("]"):
+            name, lines = lines[0][1:-1], lines[1:]
+            tables[name] = []
+        if lines:
+            tables[name].append((tuple(lines[0].split(" | ")), tuple(lines[1:])))
+    return {k: tuple(v) for k, v in tables.items()}
+
+
+_QA = read_qa_tables((Path(__file__).parent / "qa.txt").read_text(encoding="utf-8"))
+ABOUT_SELF = _QA["ABOUT_SELF"]  # questions about the assistant, and its answers
+ABOUT_STORIES = _QA["ABOUT_STORIES"]  # questions about stories ({slots} filled per dialogue)
 STORY_REQUESTS = ("Tell me a story.", "Can you tell me a story?", "Please tell me a story.",
                   "Tell me a story about {topic}.", "Tell me a story about {topic}.", "Can you tell me a story about {topic}?",
                   "I want a story about {topic}.", "Please tell me a story about {topic}.",
