@@ -148,9 +148,10 @@ def run(args: argparse.Namespace) -> int:
                                 device=device, dist=info, progress=not args.quiet, force=args.force)
         if info.is_main:
             n, B, T = model.num_parameters(), cfg.train.batch_size, cfg.data.seq_len
+            length = (f"{cfg.train.max_minutes:g} minutes (the schedule fitted to the pace as it goes)"
+                      if trainer.step_limit is None else f"{trainer.total_steps} steps")
             print(f"training {n / 1e6:.2f}M parameters on {device} x {info.world_size} in {trainer.precision}: "
-                  f"{trainer.total_steps} steps of {B * cfg.train.grad_accum * info.world_size} x {T} tokens "
-                  f"-> {out}")
+                  f"{length} of {B * cfg.train.grad_accum * info.world_size} x {T} tokens -> {out}")
         if args.resume:
             trainer.resume(out)
         result = trainer.train()
