@@ -463,6 +463,25 @@ def test_max_steps_caps_a_growing_schedule(tmp_path, monkeypatch):
     assert t.train().steps == 15
 
 
+@pytest.mark.parametrize("minutes, expected", [(0.5, 37), (None, 10)])
+def test_resume_keeps_the_plan_fitted_to_the_clock(tmp_path, minutes, expected):
+    # A time-budgeted run's step count was fitted as it went (here, grown to 37 from a first plan of one
+    # 10-step epoch); a resume goes on with that plan, not the first one. Without a time budget the
+    # plan is the config's, so a resume with a new --max-steps or --epochs takes that.
+    def trainer():
+        return make_trainer(tmp_path, max_steps=None, epochs=1, max_minutes=minutes, schedule="wsd", warmup_steps=2,
+                            batches=RandomTokens(4, 16, seed=1, batches_per_epoch=10))
+
+    first = trainer()
+    first.train_step()
+    first.total_steps = 37
+    first.save()
+    again = trainer()
+    assert again.total_steps == 10
+    again.resume()
+    assert again.step == 1 and again.total_steps == expected
+
+
 def test_time_budget_ends_the_schedule_at_min_lr(tmp_path, monkeypatch):
     import time
     import types

@@ -241,6 +241,9 @@ class Trainer:
             self.log(f"note: {where.name} has no fp16 loss scale (a bf16 or fp32 run); starting from a fresh one")
         for key in ("step", "tokens_seen", "best_val_loss", "lr_scale", "bad_steps", "rollbacks"):
             setattr(self, key, state[key])
+        if self.cfg.max_minutes is not None and "total_steps" in state:  # the plan fitted to the clock so far
+            fitted = max(self.step, int(state["total_steps"]))
+            self.total_steps = fitted if self.step_limit is None else min(fitted, self.step_limit)
         ranks = state["ranks"]
         if len(ranks) != self.dist.world_size:
             self.log(f"note: resuming with {self.dist.world_size} processes instead of {len(ranks)}; "
