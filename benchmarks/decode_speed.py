@@ -9,7 +9,8 @@ difference (1.00 = identical; bf16 / int8 / f16 / q8_0 round differently, so the
 llama-cpp-python's high-level API decodes one sequence, so llama.cpp runs at batch 1 only.
 Ours is the model as `prepare_model` makes it for inference (every precision, fp32 included), whose
 one-token steps take the lean decode step (`inference/fast_step.py`; `--ours int8-forward` and the
-like turn it off); int8 on an x86 CPU is fbgemm's dynamic int8 product (int8 weights, activations
+like turn it off; `--ours int8-compiled` and the like run batch-1 steps as one compiled graph,
+`inference/compiled_step.py`, compiled during the warm-up, its time printed); int8 on an x86 CPU is fbgemm's dynamic int8 product (int8 weights, activations
 quantized per call) with fp32 elsewhere.
 
     .venv/bin/python benchmarks/decode_speed.py                       # nano and tiny, batch 1 and 8
@@ -47,8 +48,17 @@ from cogni_mamba.model import CogniMamba  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 OURS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8")}
-# "-forward": the same weights with the lean decode step turned off (every step through the model's forward)
-VARIANTS = [*OURS, *(f"{name}-forward" for name in OURS)]
+# "-forward": the same weights with the lean decode step turned off (every step through the model's forward);
+# "-compiled": batch-1 steps through the compiled graph (`prepare_model(..., compile=True)`; others eager)
+VARIANTS = [*OURS, *(f"{name}-forward" for name in OURS), *(f"{name}-compiled" for name in OURS)]
+
+
+def prepared(model: CogniMamba, variant: str) -> CogniMamba:
+    """`model` as `prepare_model` makes it for one of VARIANTS."""
+    name = variant.removesuffix("-forward").removesuffix("-compiled")
+    dtype, quantize = OURS[name]
+    return prepare_model(model, dtype, quantize=quantize, fast_decode=not variant.endswith("-forward"),
+                         compile=variant.endswith("-compiled"))
 GPT2_FILES = REPO.parent / "shared" / "data" / "gpt2"
 
 
@@ -187,10 +197,12 @@ def bench_subject(subject: Subject, args, directory: Path) -> list[dict]:
     n, threads = args.new_tokens, torch.get_num_threads()
     vocab = subject.tokenizer.vocab_size if subject.tokenizer is not None else subject.config.model.vocab_size
     decoders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    compiled = {}
     for variant in args.ours:
-        dtype, quantize = OURS[variant.removesuffix("-forward")]
-        model = prepare_model(_copy(subject.model), dtype, quantize=quantize, fast_decode=not variant.endswith("-forward"))
+        model = prepared(_copy(subject.model), variant)
         decoders[f"ours {variant}"] = ours(model, n)
+        if variant.endswith("-compiled"):
+            compiled[variant] = model.fast_decode
     skipped = {}
     if not args.no_transformers:
         decoders["transformers fp32"] = transformers_generate(to_transformers(subject.model).eval(), n)
@@ -208,6 +220,11 @@ def bench_subject(subject: Subject, args, directory: Path) -> list[dict]:
         if batch == 1:
             here.update(llamas)
         outputs = {name: fn(prompt) for name, fn in here.items()}  # also the warm-up
+        for variant, decoder in compiled.items():
+            if decoder.failed:
+                print(f"ours {variant}: not compiled ({decoder.failed}); it ran the eager step")
+            elif decoder.compile_seconds is not None and batch == 1:
+                print(f"ours {variant}: compiled in {decoder.compile_seconds:.0f} s (the first step)")
         reference = outputs.get("ours fp32", next(iter(outputs.values())))
         seconds = alternate({name: (lambda fn=fn, prompt=prompt: fn(prompt)) for name, fn in here.items()}, args.repeats, args.clock)
         for name in here:
@@ -262,10 +279,7 @@ def print_profiles(subjects: list[Subject], variants: list[str]) -> None:
     print("|---|---|---|---|---|")
     for subject in subjects:
         for variant in variants:
-            dtype, quantize = OURS[variant.removesuffix("-forward")]
-            model = prepare_model(_copy(subject.model), dtype, quantize=quantize,
-                                  fast_decode=not variant.endswith("-forward"))
-            r = profile_step(model)
+            r = profile_step(prepared(_copy(subject.model), variant))
             print(f"| {subject.config.preset} | {variant} | {r['ms']:.2f} | {r['matmul_share']:.0%} | {r['calls']} |")
 
 
@@ -311,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--clock", choices=list(CLOCKS), default="cpu",
                    help="cpu: the process's CPU time, steady on a shared machine with one thread (default); wall")
     p.add_argument("--ours", nargs="+", choices=VARIANTS, default=list(OURS),
-                   help="our variants (default fp32 bf16 int8); NAME-forward runs NAME without the lean decode step")
+                   help="our variants (default fp32 bf16 int8); NAME-forward runs NAME without the lean decode step, "
+                        "NAME-compiled with the compiled batch-1 step")
     p.add_argument("--llama", nargs="*", choices=["f32", "f16", "q8_0"], default=["f32", "f16", "q8_0"])
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")

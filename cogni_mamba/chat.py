@@ -59,12 +59,13 @@ class Chatbot:
         self.engine = engine or Engine(model, max_batch=1, bos_id=tokenizer.bos_id, threads=threads)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", *, dtype: str = "auto", **kwargs) -> Chatbot:
-        """A Chatbot for a checkpoint (or run) directory, with its saved generation settings (dtype: see
-        `load_model_for_inference`)."""
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", *, dtype: str = "auto", quantize: str | None = None,
+                        compile: bool = False, **kwargs) -> Chatbot:
+        """A Chatbot for a checkpoint (or run) directory, with its saved generation settings (dtype, quantize
+        and compile: see `load_model_for_inference`)."""
         from .inference import load_model_for_inference
 
-        model, tokenizer, config = load_model_for_inference(path, device, dtype)
+        model, tokenizer, config = load_model_for_inference(path, device, dtype, quantize=quantize, compile=compile)
         if tokenizer is None:
             raise CogniError(f"Checkpoint {path} has no tokenizer/ folder, so its ids cannot be turned into text; "
                              "use a checkpoint saved by `cogni-mamba train`.")

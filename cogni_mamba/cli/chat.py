@@ -193,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
 
     # threads "auto": the first reply times a step at 1, half and all of torch's threads and keeps the fastest
     kwargs = {"threads": "auto"} if args.system is None else {"system_prompt": args.system or None, "threads": "auto"}
-    bot = Chatbot.from_checkpoint(args.checkpoint, device=resolve_device(args.device), dtype=args.dtype, **kwargs)
+    bot = Chatbot.from_checkpoint(args.checkpoint, device=resolve_device(args.device), dtype=args.dtype,
+                                  quantize="int8" if args.int8 else None, compile=args.compile, **kwargs)
     bot.configure(**sampling_overrides(args))
     interactive = sys.stdin.isatty()
     if interactive:

@@ -22,6 +22,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto (default: cpu)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto",
                    help="weights' dtype (default auto: bf16 on CPUs and GPUs that compute it natively, else fp32)")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 weights with one scale per output row (faster on CPUs; tokens may differ from fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="run one-row decode steps as one compiled graph (CPU with a C++ compiler; the first token "
+                        "waits while it compiles, about 10-60 s; fastest with --int8)")
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
@@ -54,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise CogniError(f"--n must be at least 1, got {args.n}.")
-    model, tok, config = load_model_for_inference(args.checkpoint, resolve_device(args.device), args.dtype)
+    model, tok, config = load_model_for_inference(args.checkpoint, resolve_device(args.device), args.dtype,
+                                                  quantize="int8" if args.int8 else None, compile=args.compile)
     if tok is None:
         raise CogniError(f"Checkpoint {args.checkpoint} has no tokenizer/ folder; use one saved by `cogni-mamba train`.")
     cfg: GenerationConfig = settings_with(config.generation, **sampling_overrides(args))

@@ -39,7 +39,7 @@ def _native_bf16(device: torch.device) -> bool:
 
 
 def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None = None,
-                  fast_decode: bool = True) -> nn.Module:
+                  fast_decode: bool = True, compile: bool = False, head_outside: bool | None = None) -> nn.Module:
     """`model` in eval mode with its parameters cast to `dtype` (buffers such as the rotary tables keep
     fp32); with quantize="int8", its Linear layers hold int8 weights with one scale per output row.
 
@@ -48,6 +48,10 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
     With `fast_decode`, one-token steps go through a `FastDecoder` (fused q/k/v and gate/up weights,
     fewer ops; `model.fast_decode = None` turns it off). For inference only: the packed and fused
     weights are copies, so weights changed afterwards (training, load_state_dict) would not reach them.
+    With `compile` (CPU, needs a C++ compiler), batch-1 steps run as one compiled graph
+    (`inference/compiled_step.py`, `CompiledDecoder`; compiled at the first such step, eager where it cannot
+    be); with int8 the graph multiplies bf16 activations by the int8 weights (weight-only).
+    `head_outside` (default: decided by size) keeps the output layer's product out of that graph.
     """
     if quantize not in (None, *QUANTIZATIONS):
         raise CogniError(f"Unknown quantization {quantize!r}; use int8 or leave it unset.")
@@ -67,9 +71,40 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
             quantize_int8(part)
         elif dtype == torch.bfloat16 and _on_cpu(model) and torch.backends.mkldnn.is_available():
             pack_linears(part)
+    if compile and decoder is not None:
+        from .compiled_step import CompiledDecoder
+
+        fbgemm = quantize == "int8" and dtype == torch.float32  # the eager int8 step runs fbgemm
+        if head_outside is None:
+            head_outside = fbgemm and _head_is_large(model)
+        decoder = CompiledDecoder(decoder, head_outside=head_outside)
+        if fbgemm and decoder.failed is None and _body_weights(model) > COMPILED_INT8_MAX_WEIGHTS:
+            decoder.failed = (f"the model's {_body_weights(model) / 1e6:.0f}M int8 weights per step are more than the "
+                              f"compiled step's weight-only int8 product beats fbgemm's eager one at "
+                              f"(up to {COMPILED_INT8_MAX_WEIGHTS / 1e6:.0f}M)")
+        if decoder.failed:
+            import warnings
+
+            warnings.warn(f"Not compiling: {decoder.failed}; decoding runs the eager step.", stacklevel=2)
     if hasattr(model, "fast_decode"):
         model.fast_decode = decoder
     return model
+
+
+# Above this many int8 weights per step (the head aside when it runs outside), fbgemm's eager product, ~4x
+# faster per weight than the graph's weight-only one at GPT-2 sizes, wins: measured 0.55 vs 0.77 ms a step at
+# nano (3.4M weights), 10.8 vs 5.6 ms at tiny (85M; benchmarks/RESULTS.md).
+COMPILED_INT8_MAX_WEIGHTS = 16_000_000
+
+
+def _body_weights(model: nn.Module) -> int:
+    """Weights of the transformer blocks' linear layers (not the embedding or the head)."""
+    return sum(m.weight.numel() for block in model.layers for m in block.modules() if hasattr(m, "out_features"))
+
+
+def _head_is_large(model: nn.Module) -> bool:
+    """An output layer of 8M+ weights: fbgemm's eager int8 product beats the graph's weight-only one there."""
+    return model.config.vocab_size * model.config.dim >= 8 * 2**20
 
 
 def _on_cpu(model: nn.Module) -> bool:

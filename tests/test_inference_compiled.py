@@ -1,0 +1,126 @@
+"""The compiled batch-1 decode step (`inference.compiled_step`) against independent references: the fp32
+model's full forward (logits within a tolerance, greedy tokens by full recomputation), and its fallbacks
+to the eager lean step (several rows, no C++ compiler, a failed compile)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from cogni_mamba import CogniMamba, ModelConfig
+from cogni_mamba.config import GenerationConfig
+from cogni_mamba.generate import decode_n
+from cogni_mamba.inference import compiled_step
+from cogni_mamba.inference.compiled_step import CompiledDecoder
+from cogni_mamba.inference.precision import prepare_model
+
+from .references import naive_greedy
+
+SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=64)
+PATTERN = [5, 17, 42, 8, 63, 29, 71, 3, 88, 50, 12, 36]  # the sequence the trained-like model learns to continue
+
+
+def _trained() -> CogniMamba:
+    """A 2-layer model fitted for a few seconds to continue PATTERN (confident, like a trained one)."""
+    torch.manual_seed(0)
+    model = CogniMamba(ModelConfig(**SMALL))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    seq = torch.tensor(PATTERN * 5)
+    for _ in range(150):
+        start = int(torch.randint(0, len(PATTERN), ()))
+        ids = seq[start:start + 33][None]
+        _, loss = model(ids[:, :-1], ids[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _copy(model: CogniMamba) -> CogniMamba:
+    clone = CogniMamba(model.config)
+    clone.load_state_dict(model.state_dict())
+    return clone.eval()
+
+
+def _greedy(model, prompt: list[int], n: int) -> list[int]:
+    settings = GenerationConfig(temperature=0.0, top_k=None, top_p=None, max_new_tokens=n)
+    return [row[0] for row in decode_n(model, [prompt], settings)]
+
+
+@pytest.fixture(scope="module")
+def trained() -> CogniMamba:
+    return _trained()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype, quantize, rel_tol", [(torch.float32, None, 1e-3), (torch.bfloat16, "int8", 0.1)])
+def test_compiled_step_follows_the_fp32_forward(trained, dtype, quantize, rel_tol):
+    if compiled_step.compile_unavailable(torch.device("cpu")):
+        pytest.skip(compiled_step.compile_unavailable(torch.device("cpu")))
+    model = prepare_model(_copy(trained), dtype, quantize=quantize, compile=True)
+    assert isinstance(model.fast_decode, CompiledDecoder)
+    prompt = PATTERN[3:8]
+    ids = torch.tensor([prompt + PATTERN[8:12] + PATTERN[:4]])  # 13 tokens: 5 prefilled, 8 decoded one by one
+    with torch.inference_mode():
+        reference = trained(ids)[0, 4:]  # (9, V): the fp32 forward's logits for every decoded position
+        cache = model.new_cache(1, 32)
+        got = [model(ids[:, :5], cache=cache, last_only=True)[0, -1]]
+        got += [model(ids[:, t:t + 1], cache=cache)[0, -1] for t in range(5, 13)]
+    assert model.fast_decode.failed is None and model.fast_decode.compile_seconds is not None
+    got = torch.stack(got).float()
+    err = (got - reference).norm() / reference.norm()
+    assert err < rel_tol, f"relative logit error {err:.5f}"
+    with torch.inference_mode():
+        expected = naive_greedy(trained, prompt, 20)
+    assert _greedy(model, prompt, 20) == expected  # greedy by full fp32 recomputation
+    assert len(set(expected)) > 5  # the trained-like model continues the pattern, not one token
+
+
+def test_several_rows_take_the_eager_step(trained, monkeypatch):
+    model = prepare_model(_copy(trained), torch.float32, compile=True)
+    monkeypatch.setattr(CompiledDecoder, "_row0", lambda self, ids, cache: False)  # as for a batch of 2
+    eager = prepare_model(_copy(trained), torch.float32)
+    prompts = [PATTERN[:4], PATTERN[2:7]]
+    settings = GenerationConfig(temperature=0.0, top_k=None, top_p=None, max_new_tokens=6)
+    assert list(decode_n(model, prompts, settings)) == list(decode_n(eager, prompts, settings))
+    assert model.fast_decode.compiled is None
+
+
+def test_row0_only_at_batch_one(trained):
+    decoder = prepare_model(_copy(trained), torch.float32, compile=True).fast_decode
+    if decoder.failed:
+        pytest.skip(decoder.failed)
+    one, two = torch.zeros(1, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)
+    assert decoder._row0(one, decoder.model.new_cache(1, 8))
+    assert not decoder._row0(two, decoder.model.new_cache(2, 8))
+
+
+def test_without_a_compiler_it_decodes_eagerly_with_one_sentence(trained, monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.warns(UserWarning, match=r"^Not compiling: no C\+\+ compiler .*; decoding runs the eager step\.$"):
+        model = prepare_model(_copy(trained), torch.float32, compile=True)
+    reason = model.fast_decode.failed
+    assert reason is not None and "C++ compiler" in reason and "\n" not in reason
+    eager = prepare_model(_copy(trained), torch.float32)
+    assert _greedy(model, PATTERN[:4], 8) == _greedy(eager, PATTERN[:4], 8)
+    assert compiled_step.compile_unavailable(torch.device("meta")).endswith("not meta")
+
+
+def test_a_failed_compile_warns_once_and_decodes_eagerly(trained, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no luck\nmore lines of a traceback")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = prepare_model(_copy(trained), torch.float32, compile=True)
+    if model.fast_decode.failed:
+        pytest.skip(model.fast_decode.failed)
+    eager = prepare_model(_copy(trained), torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tokens = _greedy(model, PATTERN[:4], 8)
+    assert tokens == _greedy(eager, PATTERN[:4], 8)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "no luck" in messages[0] and "\n" not in messages[0], messages
+    assert messages[0].endswith("decoding runs the eager step.")
