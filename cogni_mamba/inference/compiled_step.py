@@ -6,8 +6,10 @@ fbgemm's int8 product quantizes its activations in every call); a graph that ind
 function of tensors, so one graph serves every position:
 
 - inputs: the token (1,), its position (1,), and the whole KV cache's keys and values
-  (n_layers, rows, n_kv_heads, S, head_dim); row 0 is the one decoded, written in place with index_copy_;
-- attention runs over all S slots of the row with a mask (slot <= position), in fp32;
+  (n_layers, rows, n_kv_heads, S, head_dim), read only; row 0 is the one decoded;
+- attention runs over all S slots of the row with a mask (slot < position) plus the new key, in fp32;
+  the new keys and values come out of the graph and are written in two ops after it (a write into the
+  cache inside the graph made inductor copy the whole cache input once per layer);
 - the rest is `FastDecoder`'s step: fused q/k/v and gate/up, the norms' weights folded into them
   (norm eps dropped), rotary from tables.
 
@@ -33,8 +35,9 @@ from torch import nn
 
 
 class StaticStep(nn.Module):
-    """step(ids (1,), pos (1,), keys, values) -> logits (1, V), or the final hidden state (1, dim) when the
-    head runs outside (`head=False`); keys/values (L, R, Hkv, S, D), row 0 written at `pos`."""
+    """step(ids (1,), pos (1,), keys, values) -> (logits (1, V), or the final hidden state (1, dim) when the head
+    runs outside (`head=False`); the new keys and values (L, Hkv, D) for row 0's slot `pos`). keys/values are
+    the cache's (L, R, Hkv, S, D); row 0's slots before `pos` are attended to, none is written."""
 
     def __init__(self, decoder, *, head: bool = True):
         super().__init__()
@@ -81,28 +84,34 @@ class StaticStep(nn.Module):
         x = (x32 / torch.linalg.vector_norm(x32, dim=-1, keepdim=True).clamp_min(1e-30)).to(x.dtype)
         return x * getattr(self, f"{which}{layer}") if self.exact and which else x
 
-    def forward(self, ids: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         H, Hkv, D = self.H, self.Hkv, self.D
         S = keys.shape[3]
         x = F.embedding(ids, self.embedding)  # (1, dim)
         cos, sin = self.cos[pos].view(1, 1, D), self.sin[pos].view(1, 1, D)
-        visible = (torch.arange(S, device=ids.device) <= pos).view(1, 1, S)
+        earlier = (torch.arange(S, device=ids.device) < pos).view(1, 1, S)  # the row's filled slots
+        new_keys, new_values = [], []
         for i in range(self.n_layers):
             qkv = self._linear(f"qkv{i}", self._norm(x, i, "an")).view(1, H + 2 * Hkv, D)
             qk = qkv[:, :H + Hkv]
             qk = qk * cos + qk.view(1, H + Hkv, 2, D // 2).flip(2).view(1, H + Hkv, D) * sin
-            k_row, v_row = keys[i, 0], values[i, 0]  # (Hkv, S, D)
-            k_row.index_copy_(1, pos, qk[0, H:, None].to(keys.dtype))
-            v_row.index_copy_(1, pos, qkv[0, H + Hkv:, None].to(values.dtype))
+            k_new, v_new = qk[0, H:].to(keys.dtype), qkv[0, H + Hkv:].to(values.dtype)  # (Hkv, D)
+            new_keys.append(k_new)
+            new_values.append(v_new)
+            # attention over the cached slots and the new key, which the caller writes at `pos` afterwards
+            # (written inside the graph, the cache input's mutation costs a copy of it per layer)
             q = qk[0, :H].float().view(Hkv, H // Hkv, D)
-            scores = (q @ k_row.float().transpose(-1, -2)) * D ** -0.5  # (Hkv, G, S)
-            probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-            y = (probs @ v_row.float()).to(x.dtype).reshape(1, H * D)
-            x = x + self._linear(f"wo{i}", y)
+            k_row, v_row = keys[i, 0].float(), values[i, 0].float()  # (Hkv, S, D)
+            scores = torch.cat([(q @ k_row.transpose(-1, -2)).masked_fill(~earlier, float("-inf")),
+                                (q * k_new.float()[:, None]).sum(-1, keepdim=True)], dim=-1) * D ** -0.5
+            probs = torch.softmax(scores, dim=-1)  # (Hkv, G, S + 1)
+            y = probs[..., :S] @ v_row + probs[..., S:] * v_new.float()[:, None]
+            x = x + self._linear(f"wo{i}", y.to(x.dtype).reshape(1, H * D))
             gate_up = self._linear(f"w13{i}", self._norm(x, i, "fn"))
             x = x + self._linear(f"w2{i}", F.silu(gate_up[:, :self.ffn_dim]) * gate_up[:, self.ffn_dim:])
         x = self._norm(x, 0, "") * self.final
-        return self._linear("head", x) if self.head else x
+        return self._linear("head", x) if self.head else x, torch.stack(new_keys), torch.stack(new_values)
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -157,13 +166,15 @@ class CompiledDecoder:
                 t0 = time.perf_counter()
                 options = {"cpp_wrapper": True, "freezing": not self.step.int8}
                 self.compiled = torch.compile(self.step, fullgraph=True, options=options)
-                out = self.compiled(ids.view(1), pos, cache.k, cache.v)  # compiles here
+                out, k, v = self.compiled(ids.view(1), pos, cache.k, cache.v)  # compiles here
                 self.compile_seconds = time.perf_counter() - t0
             else:
-                out = self.compiled(ids.view(1), pos, cache.k, cache.v)
+                out, k, v = self.compiled(ids.view(1), pos, cache.k, cache.v)
         except Exception as error:  # noqa: BLE001 - no compiler, an unsupported op: any failure means eager
             self._give_up(error)
-            return self.eager(ids, cache)  # writes the same slot again
+            return self.eager(ids, cache)
+        cache.k[:, 0].index_copy_(2, pos, k[:, :, None])  # (L, Hkv, S, D) at slot pos
+        cache.v[:, 0].index_copy_(2, pos, v[:, :, None])
         cache.advance(1)
         if self.head is not None:
             out = self.head(out.to(self.eager.dtype))
