@@ -204,16 +204,21 @@ def load_checkpoint_full(path: str | Path, device: str | torch.device = "cpu", *
     model = CogniMamba(config.model)
     load_weights(model, ckpt)
     model.to(device).eval()
-    tokenizer = None
-    if (ckpt / "tokenizer").is_dir():
-        from .tokenizer import load_tokenizer
+    return model, load_tokenizer_of(ckpt, config), config
 
-        tokenizer = load_tokenizer(ckpt / "tokenizer")
-        vocab = getattr(tokenizer, "vocab_size", None)
-        if vocab is not None and vocab > config.model.vocab_size:
-            raise CheckpointError(f"Checkpoint {ckpt}: its tokenizer has {vocab} tokens but the model only "
-                                  f"{config.model.vocab_size}; the checkpoint is inconsistent.")
-    return model, tokenizer, config
+
+def load_tokenizer_of(ckpt: Path, config: Config) -> Any:
+    """The tokenizer saved beside a checkpoint's weights (None when it has no tokenizer/ folder)."""
+    if not (ckpt / "tokenizer").is_dir():
+        return None
+    from .tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ckpt / "tokenizer")
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if vocab is not None and vocab > config.model.vocab_size:
+        raise CheckpointError(f"Checkpoint {ckpt}: its tokenizer has {vocab} tokens but the model only "
+                              f"{config.model.vocab_size}; the checkpoint is inconsistent.")
+    return tokenizer
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", *,

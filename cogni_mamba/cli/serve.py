@@ -33,6 +33,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per operation of the engine's steps (default: the fastest of 1, half and all "
                         "of torch's threads, timed at start-up)")
+    p.add_argument("--engine", choices=("process", "thread"), default="process",
+                   help="where the model runs: process (default: a child process of its own, so generation and the "
+                        "HTTP side do not take turns on one Python interpreter) or thread (in the server's process)")
     p.add_argument("--model-name", default=None, help="the model id /v1/models reports (default: from the path)")
     p.add_argument("--shutdown-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="on SIGTERM/Ctrl-C, how long in-flight requests may take to finish (default 120)")
@@ -65,11 +68,11 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     max_batch = args.max_batch or (8 if device.type == "cpu" else 32)
     service = Service.from_checkpoint(args.checkpoint, device, name=args.model_name, dtype=args.dtype,
-                                      max_batch=max_batch, queue_size=args.queue_size, threads=args.threads or "auto")
+                                      max_batch=max_batch, queue_size=args.queue_size, threads=args.threads or "auto",
+                                      engine_process=args.engine == "process")
     app = create_app(service, args.api_key)
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    dtype = str(service.model.tok_embeddings.weight.dtype).removeprefix("torch.")
-    print(f"serving {service.name} (context {service.max_seq_len} tokens, {dtype}, batch up to {max_batch}) at "
+    print(f"serving {service.name} (context {service.max_seq_len} tokens, {service.dtype}, batch up to {max_batch}) at "
           f"http://{shown}:{args.port}/ - chat page at /, API at /v1", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout)

@@ -5,22 +5,21 @@ scheduler iteration (`step`) does, in order:
 
 1. drop cancelled rows, freeing their slots;
 2. admit queued requests first come, first served, while slots are free (`max_batch` rows in all);
-3. prefill at most `prefill_chunk` prompt tokens of joining requests, several in one forward pass (a
-   long prompt takes several iterations, so the running rows keep getting tokens between its chunks);
-   a request whose prompt is in the cache gets its first token at once, and requests that arrived
-   meanwhile are admitted and prefilled too while the budget lasts, before the decode pass (a new
-   request's first token does not wait for a decode pass of the others);
+3. prefill at most `prefill_chunk` prompt tokens of joining requests, several in one forward pass (a long
+   prompt takes several iterations, so the running rows keep getting tokens between its chunks); a request
+   whose prompt is in the cache gets its first token at once, and requests that arrived meanwhile are
+   prefilled too while the budget lasts, before the decode pass of the others;
 4. one batched forward pass of one token for every decoding row, then per-row sampling with that
    request's own settings and generator; rows that finish leave at once.
 
-The cache rows stay compact: rows 0..d-1 decode, rows d..n-1 are prefilling, and a row that leaves
-is filled by moving the last one, so every forward pass runs on a contiguous range of rows. With
+The cache rows stay compact: rows 0..d-1 decode, rows d..n-1 are prefilling, and a row that leaves is
+filled by moving the last one, so every forward pass runs on a contiguous range of rows. With
 `submit_samples(prompt, n)` the prompt is prefilled once and its cache row copied to n rows.
 
-Two ways to drive it, one code path: `start()` runs `step()` in one long-lived background thread
-(the server); without it, iterating a Request runs `step()` inline until that request has a token
-(the Chatbot, the CLI, evaluation). `threads` sets the intra-op thread count of the thread that runs
-the steps; "auto" measures a step at a few counts first (see threads.py).
+Two ways to drive it, one code path: `start()` runs `step()` in one long-lived background thread (the
+server); without it, iterating a Request runs `step()` inline until that request has a token (the Chatbot,
+the CLI, evaluation). `threads` sets the intra-op thread count of the thread that runs the steps; "auto"
+measures a step at a few counts first (see threads.py). `remote.EngineProcess` runs one in a child process.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -36,7 +35,7 @@ from ..config import GenerationConfig
 from ..errors import CogniError
 from ..generate import fit_prompt, make_generator
 from .cache import SlotCache
-from .request import EngineBusy, EngineStats, Request, _Group, _Row
+from .request import EngineBusy, EngineStats, Request, _Group, _Row, finished_before_cancel
 from .sampling import logits_at, pick_tokens
 from .threads import fastest_thread_count
 
@@ -69,13 +68,12 @@ class Engine:
         self._cond = threading.Condition()  # guards the queue and every Request's state
         self._step_lock = threading.Lock()  # one step at a time
         self._thread: threading.Thread | None = None
+        self._after_step: Callable[[], None] | None = None
         self._stopping = False
         self._generated = self._completed = self._prefilled = self._steps = 0
         self._threads_wanted = threads
         self.threads: int | None = threads if isinstance(threads, int) else None  # the count in use once chosen
         self._threads_on: int | None = None  # ident of the thread whose count was last set
-
-    # --- submitting -------------------------------------------------------------------------------
 
     def submit(self, prompt: Sequence[int], settings: GenerationConfig | None = None, *,
                stop_ids: Iterable[int] = (), on_overflow: str = "warn") -> Request:
@@ -83,8 +81,10 @@ class Engine:
         return self.submit_samples(prompt, settings, 1, stop_ids=stop_ids, on_overflow=on_overflow)[0]
 
     def submit_samples(self, prompt: Sequence[int], settings: GenerationConfig | None = None, n: int = 1, *,
-                       stop_ids: Iterable[int] = (), on_overflow: str = "warn") -> list[Request]:
-        """Queue n generations of one prompt, prefilled once; with a seed, sample i uses seed + i."""
+                       stop_ids: Iterable[int] = (), on_overflow: str = "warn",
+                       on_update: Callable[[Request], None] | None = None) -> list[Request]:
+        """Queue n generations of one prompt, prefilled once; with a seed, sample i uses seed + i; `on_update`:
+        each request's listener from the start, called with the request (see `Request.on_update`)."""
         settings = settings or GenerationConfig()
         if not 1 <= n <= self.max_batch:
             raise CogniError(f"Asked for {n} samples but the engine runs at most {self.max_batch} at once; "
@@ -93,6 +93,8 @@ class Engine:
         stops = frozenset(int(s) for s in stop_ids)
         requests = [Request(self, ids, settings, stops, None if settings.seed is None
                             else make_generator(settings.seed + i, self.device), index=i) for i in range(n)]
+        for request in requests if on_update else ():
+            request.on_update(lambda r=request: on_update(r))
         with self._cond:
             queued = sum(len(g.live) for g in self._queue)
             free = self.max_batch - len(self._rows) - self._reserved
@@ -105,12 +107,8 @@ class Engine:
 
     def _cancel(self, request: Request, reason: str) -> None:
         with self._cond:
-            if request.finish_reason is not None and request._cancel is None:
-                if reason == "stop" and request.finish_reason == "length":
-                    # the text layer found a stop string in tokens made before the request ran out:
-                    # the reply the client gets ends on that stop string, whichever came first
-                    request.finish_reason = "stop"
-                return  # finished already
+            if finished_before_cancel(request, reason):
+                return
             request._cancel = request._cancel or reason
             request._ready.clear()
             request._finish(reason)
@@ -129,12 +127,14 @@ class Engine:
         """True while the background thread runs the steps."""
         return self._thread is not None
 
-    def start(self) -> Engine:
-        """Run the scheduler in one long-lived background thread (idempotent)."""
+    def start(self, after_step: Callable[[], None] | None = None) -> Engine:
+        """Run the scheduler in one long-lived background thread (idempotent), calling `after_step()` after each
+        iteration (the engine process sends each iteration's tokens from there)."""
         with self._cond:
             if self._thread is None:
                 self._stopping = False
                 inherited = torch.get_num_threads()
+                self._after_step = after_step
                 self._thread = threading.Thread(target=self._loop, args=(inherited,), name="cogni-engine", daemon=True)
                 self._thread.start()
         return self
@@ -165,6 +165,8 @@ class Engine:
                     return
             with contextlib.suppress(Exception):  # handed to every request it touched; the engine goes on
                 self.step()
+            if self._after_step is not None:
+                self._after_step()
 
     def stats(self) -> EngineStats:
         with self._cond:

@@ -101,6 +101,16 @@ class Request:
             self._listener()
 
 
+def finished_before_cancel(request: Any, reason: str) -> bool:
+    """True when `request` had ended on its own before `cancel(reason)` came. When the text layer finds a stop
+    string in tokens made before the request ran out of length, the reply ends on it: the reason becomes "stop"."""
+    if request.finish_reason is None or request._cancel is not None:
+        return False
+    if reason == "stop" and request.finish_reason == "length":
+        request.finish_reason = "stop"
+    return True
+
+
 @dataclasses.dataclass
 class _Group:
     """Requests sharing one prompt: prefilled once into one row, then copied to one row per request."""

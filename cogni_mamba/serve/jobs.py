@@ -99,6 +99,8 @@ def start(state: Any, job: Job) -> AsyncIterator[tuple[int, str | None]]:
         job.requests = service.submit(job.prompt, job.settings, job.stop_ids, n=job.n)
     except EngineBusy as e:
         raise ApiError(str(e), status=429, type="server_busy", code="queue_full") from None
+    except CogniError as e:  # the engine process has stopped
+        raise ApiError(str(e), status=503, type="server_error", code="engine_stopped") from None
     job.texts = [TextStream(service.decoder(), job.stop_strings) for _ in job.requests]
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()

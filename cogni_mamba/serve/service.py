@@ -2,7 +2,9 @@
 
 The server is stateless: every request carries its whole conversation, rendered with the tokenizer's
 chat template (chat) or prefixed with BOS (completions). Every request runs in one continuous-batching
-`Engine` (one background thread, `max_batch` rows, a bounded first-come queue). Nothing here knows HTTP.
+engine (`max_batch` rows, a bounded first-come queue): an `EngineProcess`, the model in a child process of
+its own (what `cogni-mamba serve` runs), or an `Engine` on a background thread of this process. Nothing
+here knows HTTP.
 """
 
 from __future__ import annotations
@@ -25,35 +27,49 @@ class Service:
 
     def __init__(self, model, tokenizer, generation: GenerationConfig | None = None, *, name: str = "cogni-mamba",
                  max_batch: int = DEFAULT_MAX_BATCH, queue_size: int = DEFAULT_QUEUE_SIZE,
-                 threads: int | str | None = None):
+                 threads: int | str | None = None, engine: Any = None, context: int | None = None):
+        """`model` runs in an Engine on a thread of this process; or model None and `engine` an EngineProcess
+        (which holds the model in its own process), with `context` the model's context length."""
         if tokenizer is None:
             raise CogniError("The server needs a tokenizer; use a checkpoint saved with its tokenizer/ folder.")
-        self.model = model.eval()
         self.tokenizer = tokenizer
         self.generation = generation or GenerationConfig()
         self.name = name
-        # threads "auto" (what `cogni-mamba serve` asks for): the engine's thread times its step at 1, half and all
-        # of torch's threads and keeps the fastest (beside the event loop, a small model often runs faster on one).
-        self.engine = Engine(model, max_batch=max_batch, max_queue=queue_size, bos_id=tokenizer.bos_id,
-                             threads=threads)
+        if engine is None:
+            self.model = model.eval()
+            self.max_seq_len = model.config.max_seq_len  # the model's context (prompt and reply together)
+            self.dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+            # threads "auto": the engine's thread times its step at 1, half and all of torch's threads and keeps
+            # the fastest (beside the event loop, a small model often runs faster on one).
+            engine = Engine(model, max_batch=max_batch, max_queue=queue_size, bos_id=tokenizer.bos_id, threads=threads)
+        else:
+            self.model, self.max_seq_len, self.dtype = None, context, engine.info["dtype"]
+        self.engine = engine
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: Any = "cpu", *, name: str | None = None, dtype: str = "auto",
-                        **kwargs: Any) -> Service:
-        """Load a checkpoint (or a run directory's latest) for serving, in `dtype` (auto: bf16 where native)."""
-        from ..checkpoint import find_checkpoint
+                        engine_process: bool = False, **kwargs: Any) -> Service:
+        """Load a checkpoint (or a run directory's latest) for serving, in `dtype` (auto: bf16 where native).
+        With engine_process, the model is loaded and run in a child process (`inference.EngineProcess`)."""
+        from ..checkpoint import find_checkpoint, load_config_of, load_tokenizer_of
         from ..inference import load_model_for_inference
 
-        model, tokenizer, config = load_model_for_inference(path, device, dtype)
-        if tokenizer is None:
-            raise CogniError(f"Checkpoint {path} has no tokenizer/ folder, so its replies cannot be decoded; "
-                             "serve a checkpoint written by `cogni-mamba train`.")
-        return cls(model, tokenizer, config.generation, name=name or model_name_for(find_checkpoint(path)), **kwargs)
+        checkpoint = find_checkpoint(path)
+        name = name or model_name_for(checkpoint)
+        if not engine_process:
+            model, tokenizer, config = load_model_for_inference(checkpoint, device, dtype)
+            _need_tokenizer(tokenizer, checkpoint)
+            return cls(model, tokenizer, config.generation, name=name, **kwargs)
+        from ..inference import EngineProcess, resolve_inference_dtype
 
-    @property
-    def max_seq_len(self) -> int:
-        """The model's context length in tokens (prompt and reply together)."""
-        return self.model.config.max_seq_len
+        resolve_inference_dtype(dtype, device)  # a bad name fails here, before a process starts
+        config = load_config_of(checkpoint)
+        tokenizer = load_tokenizer_of(checkpoint, config)
+        _need_tokenizer(tokenizer, checkpoint)
+        engine = EngineProcess(checkpoint, device, dtype, max_batch=kwargs.get("max_batch", DEFAULT_MAX_BATCH),
+                               max_queue=kwargs.get("queue_size", DEFAULT_QUEUE_SIZE), threads=kwargs.get("threads"),
+                               max_len=config.model.max_seq_len, bos_id=tokenizer.bos_id)
+        return cls(None, tokenizer, config.generation, name=name, engine=engine, context=config.model.max_seq_len)
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """Prompt ids of a conversation, ending with the assistant's turn marker."""
@@ -83,6 +99,12 @@ class Service:
     def decoder(self):
         """A fresh incremental decoder; special tokens are not shown, as in the Chatbot."""
         return self.tokenizer.stream_decoder(skip_special=True)
+
+
+def _need_tokenizer(tokenizer: Any, checkpoint: Path) -> None:
+    if tokenizer is None:
+        raise CogniError(f"Checkpoint {checkpoint} has no tokenizer/ folder, so its replies cannot be decoded; "
+                         "serve a checkpoint written by `cogni-mamba train`.")
 
 
 def model_name_for(checkpoint_dir: Path) -> str:

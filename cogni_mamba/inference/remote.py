@@ -1,0 +1,393 @@
+"""The engine in a process of its own: what `cogni-mamba serve` runs.
+
+In one process the server's event loop (HTTP, JSON, tokenizing, text) and the engine's scheduler are
+both Python, so they take turns on one interpreter lock: each token waits for the other side's turn,
+and on a 2-core CPU the two never run at once. `EngineProcess` starts an `Engine` in a spawned child
+process that loads the checkpoint itself, and offers the server the in-process engine's surface:
+`submit_samples` gives `RemoteRequest`s (take / on_update / cancel / iterate, finish_reason, error),
+`stats()`, `start()`, `stop()`, `max_batch`. The parent keeps the tokenizer and the text; the child
+sees token ids only.
+
+Two one-way pipes carry pickled tuples:
+
+    parent -> child   ("submit", first id, prompt, settings, n, stop ids) | ("cancel", id, reason) | ("stop",)
+    child -> parent   ("ready", info) or ("failed", sentence), once; then after each scheduler iteration
+                      ("update", [(id, new tokens, finish reason or None, error or None), ...], stats)
+
+The parent admits a request only while its own count of unfinished requests leaves room (`max_batch`
+running plus `max_queue` waiting), so the 429 is decided at once, without a round trip. If the child
+dies, every unfinished request ends with an error that says so, and later submissions are refused.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import multiprocessing
+import signal
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..config import GenerationConfig
+from ..errors import CogniError
+from ..generate import fit_prompt
+from .request import EngineBusy, EngineStats, finished_before_cancel
+
+START_TIMEOUT = 600.0  # seconds the child may take to load the model (a cold start of a large checkpoint)
+
+
+class RemoteRequest:
+    """One generation running in the engine process; the same surface as `inference.Request`."""
+
+    def __init__(self, owner: EngineProcess, rid: int, prompt: list[int], settings: GenerationConfig,
+                 stop_ids: frozenset[int], index: int):
+        self._owner = owner
+        self.id = rid
+        self.prompt = prompt
+        self.settings = settings
+        self.stop_ids = stop_ids
+        self.index = index
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self.generated = 0
+        self.error: BaseException | None = None
+        self._ready: collections.deque[int] = collections.deque()
+        self._cancel: str | None = None
+        self._listener: Callable[[], None] | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt)
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None and not self._ready
+
+    def __iter__(self) -> RemoteRequest:
+        return self
+
+    def __next__(self) -> int:
+        with self._owner._cond:
+            while True:
+                if self._ready:
+                    self.completion_tokens += 1
+                    return self._ready.popleft()
+                if self.error is not None:
+                    raise CogniError(f"Generation failed: {self.error}") from self.error
+                if self.finish_reason is not None:
+                    raise StopIteration
+                self._owner._cond.wait()
+
+    def take(self) -> tuple[list[int], bool]:
+        """Without blocking: the tokens made since the last call, and whether the request has ended."""
+        with self._owner._cond:
+            tokens = list(self._ready)
+            self._ready.clear()
+            self.completion_tokens += len(tokens)
+            return tokens, self.finish_reason is not None
+
+    def on_update(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` (from the parent's reader thread) whenever tokens arrive or the request ends."""
+        self._listener = listener
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop generating: no more tokens are handed out; the child frees the slot at its next step."""
+        self._owner._cancel(self, reason)
+
+    def _notify(self) -> None:
+        if self._listener is not None:
+            self._listener()
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """What the child needs to build the engine: the checkpoint, where and how to run it."""
+
+    checkpoint: str
+    device: str
+    dtype: str
+    max_batch: int
+    max_queue: int
+    threads: int | str | None
+    quantize: str | None = None
+
+
+class EngineProcess:
+    """An `Engine` in a spawned child process (see the module's docstring). Raises CogniError with the child's
+    own sentence when the checkpoint cannot be loaded there."""
+
+    def __init__(self, checkpoint: str | Path, device: Any = "cpu", dtype: str = "auto", *, max_batch: int = 8,
+                 max_queue: int = 32, threads: int | str | None = None, quantize: str | None = None,
+                 max_len: int, bos_id: int | None):
+        self.max_batch, self.max_queue, self.max_len, self.bos_id = max_batch, max_queue, max_len, bos_id
+        self._cond = threading.Condition()  # guards the requests' state, the live table and the snapshot
+        self._send_lock = threading.Lock()
+        self._live: dict[int, RemoteRequest] = {}
+        self._next_id = 0
+        self._dead: str | None = None
+        self._stats = EngineStats(active=0, queued=0, max_batch=max_batch, max_queue=max_queue, generated_tokens=0,
+                                  completed_requests=0, prefill_tokens=0, steps=0)
+        spec = EngineSpec(str(checkpoint), str(device), dtype, max_batch, max_queue, threads, quantize)
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks
+        commands_out, commands_in = context.Pipe(duplex=False)
+        events_out, events_in = context.Pipe(duplex=False)
+        self._process = context.Process(target=child_main, args=(commands_out, events_in, spec),
+                                        name="cogni-engine", daemon=True)
+        self._process.start()
+        commands_out.close()
+        events_in.close()
+        self._commands, self._events = commands_in, events_out
+        self.info = self._wait_until_ready()
+        self.threads: int | None = self.info.get("threads")
+        self._reader = threading.Thread(target=self._read, name="cogni-engine-reader", daemon=True)
+        self._reader.start()
+
+    def _wait_until_ready(self) -> dict[str, Any]:
+        message = None
+        with contextlib.suppress(EOFError, OSError):
+            if self._events.poll(START_TIMEOUT):
+                message = self._events.recv()
+        if message is None or message[0] != "ready":
+            self._process.join(timeout=5)
+            if self._process.is_alive():
+                self._process.kill()
+            if message is not None and message[0] == "failed":
+                raise CogniError(message[1])
+            raise CogniError(f"The engine process stopped while loading the model (exit code {self._process.exitcode}); "
+                             "the machine may be out of memory: try a smaller --max-batch or free some memory.")
+        return message[1]
+
+    # --- the Engine surface the server uses ---------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self._dead is None and self._process.is_alive()
+
+    def start(self) -> EngineProcess:
+        """The child runs its scheduler from the start; nothing to do (kept for the Engine's surface)."""
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Ask the child to stop after its current step and wait for it (killed after `timeout` seconds)."""
+        with contextlib.suppress(OSError, ValueError):
+            self._send(("stop",))
+        self._process.join(timeout)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        with contextlib.suppress(OSError):
+            self._commands.close()
+
+    def stats(self) -> EngineStats:
+        """The counters as of the child's last scheduler iteration."""
+        with self._cond:
+            return self._stats
+
+    def submit(self, prompt: Sequence[int], settings: GenerationConfig | None = None, *,
+               stop_ids: Iterable[int] = (), on_overflow: str = "warn") -> RemoteRequest:
+        return self.submit_samples(prompt, settings, 1, stop_ids=stop_ids, on_overflow=on_overflow)[0]
+
+    def submit_samples(self, prompt: Sequence[int], settings: GenerationConfig | None = None, n: int = 1, *,
+                       stop_ids: Iterable[int] = (), on_overflow: str = "warn") -> list[RemoteRequest]:
+        """Queue n generations of one prompt (prefilled once in the child); EngineBusy when there is no room."""
+        settings = settings or GenerationConfig()
+        if not 1 <= n <= self.max_batch:
+            raise CogniError(f"Asked for {n} samples but the engine runs at most {self.max_batch} at once; "
+                             f"ask for 1 to {self.max_batch}.")
+        ids = fit_prompt(prompt, self.max_len, settings.max_new_tokens, bos_id=self.bos_id, on_overflow=on_overflow)
+        stops = frozenset(int(s) for s in stop_ids)
+        with self._cond:
+            if self._dead is not None:
+                raise CogniError(self._dead)
+            if len(self._live) + n > self.max_batch + self.max_queue:
+                raise EngineBusy(f"The engine is busy: {self._stats.active} generations are running and "
+                                 f"{self._stats.queued} are queued (the limit); retry in a moment.")
+            first, self._next_id = self._next_id, self._next_id + n
+            requests = [RemoteRequest(self, first + i, ids, settings, stops, i) for i in range(n)]
+            self._live.update((r.id, r) for r in requests)
+        self._send(("submit", first, ids, settings, n, tuple(sorted(stops))))
+        return requests
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _send(self, message: tuple) -> None:
+        with self._send_lock:
+            self._commands.send(message)
+
+    def _cancel(self, request: RemoteRequest, reason: str) -> None:
+        with self._cond:
+            if finished_before_cancel(request, reason):
+                return
+            first = request._cancel is None
+            request._cancel = request._cancel or reason
+            request._ready.clear()
+            if request.finish_reason is None:
+                request.finish_reason = reason
+            running = first and request.id in self._live and self._dead is None
+            self._cond.notify_all()
+        if running:
+            with contextlib.suppress(OSError, ValueError):  # the child has gone: nothing left to free
+                self._send(("cancel", request.id, reason))
+        request._notify()
+
+    def _read(self) -> None:
+        """The reader thread: apply the child's updates and wake the requests' listeners."""
+        while True:
+            try:
+                message = self._events.recv()
+            except (EOFError, OSError):
+                self._child_gone()
+                return
+            if message[0] != "update":
+                continue
+            _, updates, stats = message
+            woken = []
+            with self._cond:
+                self._stats = EngineStats(*stats)
+                for rid, tokens, reason, error in updates:
+                    request = self._live.get(rid)
+                    if request is None:
+                        continue
+                    if reason is not None:
+                        del self._live[rid]
+                    if request._cancel is not None:
+                        continue
+                    request._ready.extend(tokens)
+                    request.generated += len(tokens)
+                    if error is not None:
+                        request.error = CogniError(error)
+                    if reason is not None:
+                        request.finish_reason = reason
+                    woken.append(request)
+                self._cond.notify_all()
+            for request in woken:
+                request._notify()
+
+    def _child_gone(self) -> None:
+        self._process.join(timeout=1)
+        code = self._process.exitcode
+        with self._cond:
+            if self._dead is None:
+                self._dead = (f"The engine process stopped (exit code {code}); the server cannot generate any more: "
+                              "restart it (if the machine ran out of memory, with a smaller --max-batch).")
+            orphans = list(self._live.values())
+            self._live.clear()
+            for request in orphans:
+                if request.finish_reason is None:
+                    request.error = CogniError(self._dead)
+                    request.finish_reason = "error"
+            self._cond.notify_all()
+        for request in orphans:
+            request._notify()
+
+
+# --- the child ------------------------------------------------------------------------------------------
+
+def child_main(commands, events, spec: EngineSpec) -> None:
+    """The engine process: load the model, start the engine, then obey commands until "stop" or the parent goes."""
+    # Ctrl-C and SIGTERM reach every process of the server; the parent decides when generation ends
+    # (after uvicorn has let in-flight requests finish), and says so with "stop" or by closing the pipe.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        engine = _build_engine(spec)
+        info = {"threads": engine.threads, "dtype": str(engine.model.tok_embeddings.weight.dtype).removeprefix("torch.")}
+    except CogniError as e:
+        events.send(("failed", str(e)))
+        return
+    except Exception as e:  # noqa: BLE001 - reported to the parent as one sentence
+        events.send(("failed", f"The engine process could not load {spec.checkpoint}: {type(e).__name__}: {e}"))
+        return
+    link = _ChildLink(engine, events)
+    events.send(("ready", info))
+    engine.start(after_step=link.flush)
+    while True:
+        try:
+            message = commands.recv()
+        except (EOFError, OSError):
+            break
+        if message[0] == "stop":
+            break
+        if message[0] == "submit":
+            link.submit(*message[1:])
+        elif message[0] == "cancel":
+            link.cancel(*message[1:])
+    engine.stop()
+    with contextlib.suppress(OSError):
+        link.flush()
+        events.close()
+
+
+def _build_engine(spec: EngineSpec):
+    from .engine import Engine
+    from .loading import load_model_for_inference
+
+    model, tokenizer, _ = load_model_for_inference(spec.checkpoint, spec.device, spec.dtype, quantize=spec.quantize)
+    # The parent admits requests (max_batch + max_queue unfinished at most), so the child's queue never refuses.
+    return Engine(model, max_batch=spec.max_batch, max_queue=spec.max_batch + spec.max_queue,
+                  bos_id=None if tokenizer is None else tokenizer.bos_id, threads=spec.threads)
+
+
+class _ChildLink:
+    """The child's side: requests by id, and the ids with news since the last `flush` (one message per step)."""
+
+    def __init__(self, engine, events):
+        self.engine, self.events = engine, events
+        self.lock = threading.Lock()
+        self.send_lock = threading.Lock()  # the engine's thread and the command thread both send
+        self.requests: dict[int, Any] = {}
+        self.dirty: set[int] = set()
+
+    def submit(self, first: int, prompt: list[int], settings: GenerationConfig, n: int, stop_ids: tuple[int, ...]):
+        def mark(request) -> None:
+            with self.lock:
+                self.dirty.add(first + request.index)
+            if request.generated == 1 and request.finish_reason is None:
+                self.flush()  # a first token goes out at once, not after the others' decode pass
+
+        with self.lock:  # registered before the engine thread can flush their first tokens
+            try:
+                requests = self.engine.submit_samples(prompt, settings, n, stop_ids=stop_ids, on_overflow="error",
+                                                      on_update=mark)
+            except CogniError as e:
+                failed = [(first + i, [], "error", str(e)) for i in range(n)]
+            else:
+                self.requests.update((first + r.index, r) for r in requests)
+                return
+        self.send(("update", failed, self._stats()))
+
+    def cancel(self, rid: int, reason: str) -> None:
+        with self.lock:
+            request = self.requests.get(rid)
+        if request is not None:
+            request.cancel(reason)
+
+    def flush(self) -> None:
+        """Send what the last scheduler iteration made (on the engine's thread, once per iteration)."""
+        with self.lock:
+            ids, self.dirty = self.dirty, set()
+            pending = [(rid, self.requests.get(rid)) for rid in ids]
+        updates = []
+        for rid, request in pending:
+            if request is None:
+                continue
+            tokens, ended = request.take()
+            if ended:
+                with self.lock:
+                    self.requests.pop(rid, None)
+                error = None if request.error is None else str(request.error)
+                updates.append((rid, tokens, request.finish_reason, error))
+            elif tokens:
+                updates.append((rid, tokens, None, None))
+        if updates:
+            self.send(("update", updates, self._stats()))
+
+    def send(self, message: tuple) -> None:
+        with self.send_lock:
+            self.events.send(message)
+
+    def _stats(self) -> tuple:
+        return dataclasses.astuple(self.engine.stats())

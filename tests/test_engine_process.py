@@ -1,0 +1,134 @@
+"""The engine in a child process (`inference.EngineProcess`, what `cogni-mamba serve` runs): the same tokens as
+the naive reference and the in-process engine, cancellation, the 429 decided in the parent, and clear
+sentences when the child cannot load the model or dies."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from cogni_mamba.config import GenerationConfig
+from cogni_mamba.errors import CogniError
+from cogni_mamba.inference import Engine, EngineBusy, EngineProcess, greedy_settings
+from tests.references import naive_greedy
+from tests.test_serve_fixtures import make_tiny_checkpoint, wait_for
+
+CONTEXT = 256
+
+
+def start_process(tiny, **kwargs) -> EngineProcess:
+    kwargs.setdefault("max_batch", 4)
+    kwargs.setdefault("max_queue", 8)
+    return EngineProcess(tiny.path, "cpu", "fp32", threads=1, max_len=CONTEXT,
+                         bos_id=tiny.specials["<|endoftext|>"], **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("engine_process") / "run", context=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    process = start_process(tiny)
+    yield process
+    process.stop()
+    assert not process._process.is_alive()
+
+
+def test_concurrent_greedy_requests_equal_the_naive_reference(tiny, engine):
+    torch.set_num_threads(1)
+    prompts = [[1 + (7 * i + j) % 250 for j in range(3 + 5 * i)] for i in range(6)]  # 6 requests, 4 slots
+    lengths = [5, 40, 12, 33, 1, 20]
+    requests = [engine.submit(p, greedy_settings(n)) for p, n in zip(prompts, lengths)]
+    got = [list(r) for r in requests]  # iterating blocks until each has finished
+    for prompt, n, tokens, request in zip(prompts, lengths, got, requests):
+        assert tokens == naive_greedy(tiny.model, prompt, n)
+        assert request.finish_reason == "length" and request.completion_tokens == n
+    assert wait_for(lambda: engine.stats().active == 0, 5)
+    stats = engine.stats()
+    assert stats.generated_tokens >= sum(lengths) and stats.threads == 1
+
+
+def test_a_seeded_sampled_request_matches_the_in_process_engine(tiny, engine):
+    settings = GenerationConfig(temperature=0.9, top_k=40, top_p=0.95, seed=123, max_new_tokens=24)
+    prompt = [5, 6, 7, 8]
+    local = Engine(tiny.model, max_batch=2, bos_id=tiny.specials["<|endoftext|>"])
+    expected = list(local.submit(prompt, settings))
+    busy = [engine.submit([9, 9, 9], greedy_settings(60)) for _ in range(2)]  # batch mates
+    assert list(engine.submit(prompt, settings)) == expected
+    for request in busy:
+        request.cancel()
+
+
+def test_n_samples_share_one_prefill_and_use_seed_plus_index(tiny, engine):
+    settings = GenerationConfig(temperature=1.0, top_k=None, top_p=None, seed=7, max_new_tokens=10)
+    local = Engine(tiny.model, max_batch=4, bos_id=tiny.specials["<|endoftext|>"])
+    expected = [list(r) for r in local.submit_samples([3, 4, 5], settings, 3)]
+    before = engine.stats().prefill_tokens
+    got = [list(r) for r in engine.submit_samples([3, 4, 5], settings, 3)]
+    assert got == expected
+    assert wait_for(lambda: engine.stats().prefill_tokens == before + 3, 5)  # the 3-token prompt ran once
+
+
+def test_cancel_ends_the_stream_and_frees_the_slot(engine):
+    request = engine.submit([1, 2, 3], greedy_settings(CONTEXT - 10))
+    assert next(request) is not None
+    woken = threading.Event()
+    request.on_update(woken.set)
+    request.cancel()
+    assert request.finish_reason == "cancelled" and woken.is_set()
+    assert list(request) == []  # nothing more is handed out
+    assert wait_for(lambda: engine.stats().active == 0 and not engine._live, 5)
+    assert engine.stats().generated_tokens < 10_000
+    assert list(engine.submit([4], greedy_settings(3))) != []  # the engine goes on
+
+
+def test_a_full_queue_is_refused_at_once(tiny):
+    process = start_process(tiny, max_batch=1, max_queue=1)
+    try:
+        first = process.submit([1, 2], greedy_settings(CONTEXT - 10))
+        second = process.submit([1, 2], greedy_settings(3))
+        start = time.perf_counter()
+        with pytest.raises(EngineBusy, match="busy"):
+            process.submit([1, 2], greedy_settings(3))
+        assert time.perf_counter() - start < 0.1  # no round trip to the child
+        first.cancel()
+        assert len(list(second)) == 3
+        assert len(list(process.submit([1], greedy_settings(2)))) == 2  # room again
+    finally:
+        process.stop()
+
+
+def test_a_damaged_checkpoint_is_one_sentence_from_the_child(tiny, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny.path, broken)
+    weights = next(broken.rglob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CogniError) as info:
+        EngineProcess(next(p.parent for p in broken.rglob("config.json")), "cpu", "fp32", max_len=CONTEXT, bos_id=None)
+    message = str(info.value)
+    assert "Traceback" not in message and "\n" not in message
+    assert "broken" in message
+
+
+def test_a_dead_child_ends_its_requests_with_an_error_and_refuses_new_ones(tiny):
+    process = start_process(tiny)
+    try:
+        request = process.submit([1, 2, 3], greedy_settings(CONTEXT - 10))
+        assert next(request) is not None
+        os.kill(process._process.pid, signal.SIGKILL)
+        with pytest.raises(CogniError, match="engine process stopped"):
+            list(request)
+        assert request.finish_reason == "error"
+        with pytest.raises(CogniError, match="restart"):
+            process.submit([1], greedy_settings(2))
+    finally:
+        process.stop()
