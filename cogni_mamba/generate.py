@@ -84,21 +84,27 @@ def process_logits(logits: torch.Tensor, settings: GenerationConfig, seen: torch
 
 def sampling_candidates(logits: torch.Tensor, settings: GenerationConfig,
                         seen: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """What `process_logits` leaves to draw from, cheaply: ((B, K) logits sorted from the most likely down, with
-    -inf where top-p / min-p drop a token; (B, K) their token ids). K is top_k when set (only those can survive,
-    so top-p sorts K values, not the vocabulary), else V. Same filters, same order, same distribution."""
+    """What `process_logits` leaves to draw from, cheaply: ((B, K) logits, with -inf where top-p / min-p drop a
+    token; (B, K) their token ids). K is top_k when set (only those can survive, so top-p sorts K values, not the
+    vocabulary), else V. The candidates are sorted from the most likely down when top-k or top-p needs an order,
+    else left in vocabulary order (no sort at all). Same filters, same distribution."""
     logits = logits.float()
     if seen is not None:
         logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
     logits = logits / settings.temperature
-    k = min(settings.top_k or logits.shape[-1], logits.shape[-1])
-    values, ids = torch.topk(logits, k, dim=-1)  # sorted, descending
-    if settings.top_p is not None and settings.top_p < 1.0:
+    top_p = settings.top_p is not None and settings.top_p < 1.0
+    if settings.top_k is None and not top_p:
+        values = logits
+        ids = torch.arange(logits.shape[-1], device=logits.device).expand_as(logits)
+    else:
+        k = min(settings.top_k or logits.shape[-1], logits.shape[-1])
+        values, ids = torch.topk(logits, k, dim=-1)  # sorted, descending
+    if top_p:
         probs = torch.softmax(values, dim=-1)
         values = values.masked_fill(torch.cumsum(probs, dim=-1) - probs >= settings.top_p, NEG_INF)
     if settings.min_p is not None and settings.min_p > 0.0:
         probs = torch.softmax(values, dim=-1)
-        values = values.masked_fill(probs < settings.min_p * probs[:, :1], NEG_INF)
+        values = values.masked_fill(probs < settings.min_p * probs.amax(dim=-1, keepdim=True), NEG_INF)
     return values, ids
 
 

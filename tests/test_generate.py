@@ -229,12 +229,12 @@ def test_filters_compose_in_order_penalty_temperature_top_k_top_p_min_p():
         assert [x for x in out if x != -math.inf] == pytest.approx([x for x in r if x != -math.inf], rel=1e-5)
 
 
-@pytest.mark.parametrize("top_k", [20, None])
-def test_sampling_candidates_are_what_process_logits_leaves(top_k):
+@pytest.mark.parametrize(("top_k", "top_p"), [(20, 0.8), (None, 0.8), (20, None), (None, None)])
+def test_sampling_candidates_are_what_process_logits_leaves(top_k, top_p):
     logits = random_logits(11).float()
     seen = torch.zeros_like(logits, dtype=torch.bool)
     seen[:, ::3] = True
-    cfg = GenerationConfig(temperature=0.7, top_k=top_k, top_p=0.8, min_p=0.05, repetition_penalty=1.5)
+    cfg = GenerationConfig(temperature=0.7, top_k=top_k, top_p=top_p, min_p=0.05, repetition_penalty=1.5)
     full = process_logits(logits, cfg, seen)  # checked against the naive filters above
     values, ids = sampling_candidates(logits, cfg, seen)
     for f_row, v_row, i_row in zip(full.tolist(), values.tolist(), ids.tolist(), strict=True):
