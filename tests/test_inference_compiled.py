@@ -54,6 +54,12 @@ def trained() -> CogniMamba:
     return _trained()
 
 
+@pytest.fixture(autouse=True)
+def _package_cache(tmp_path_factory, monkeypatch):
+    """Compiled packages go to one folder per test session, not ~/.cache."""
+    monkeypatch.setenv("COGNI_MAMBA_CACHE", str(tmp_path_factory.getbasetemp() / "cogni-cache"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype, quantize, rel_tol", [(torch.float32, None, 1e-3), (torch.bfloat16, "int8", 0.1)])
 def test_compiled_step_follows_the_fp32_forward(trained, dtype, quantize, rel_tol):
@@ -68,14 +74,25 @@ def test_compiled_step_follows_the_fp32_forward(trained, dtype, quantize, rel_to
         cache = model.new_cache(1, 32)
         got = [model(ids[:, :5], cache=cache, last_only=True)[0, -1]]
         got += [model(ids[:, t:t + 1], cache=cache)[0, -1] for t in range(5, 13)]
-    assert model.fast_decode.failed is None and model.fast_decode.compile_seconds is not None
+    assert model.fast_decode.failed is None and model.fast_decode.loaded is False
     got = torch.stack(got).float()
     err = (got - reference).norm() / reference.norm()
     assert err < rel_tol, f"relative logit error {err:.5f}"
     with torch.inference_mode():
         expected = naive_greedy(trained, prompt, 20)
-    assert _greedy(model, prompt, 20) == expected  # greedy by full fp32 recomputation
+    assert _greedy(model, prompt, 20) == expected  # greedy by full fp32 recomputation (another cache shape)
     assert len(set(expected)) > 5  # the trained-like model continues the pattern, not one token
+    again = prepare_model(_copy(trained), dtype, quantize=quantize, compile=True)  # a later start: loads the package
+    assert _greedy(again, prompt, 20) == expected and again.fast_decode.loaded is True
+    assert again.fast_decode.compile_seconds < 5
+
+
+def test_package_key_follows_the_weights(trained):
+    a = prepare_model(_copy(trained), torch.float32, compile=True).fast_decode.step
+    b = prepare_model(_copy(trained), torch.float32, compile=True).fast_decode.step
+    assert compiled_step.package_key(a) == compiled_step.package_key(b)
+    b.embedding[0, 0] += 1
+    assert compiled_step.package_key(a) != compiled_step.package_key(b)
 
 
 def test_several_rows_take_the_eager_step(trained, monkeypatch):
@@ -85,7 +102,7 @@ def test_several_rows_take_the_eager_step(trained, monkeypatch):
     prompts = [PATTERN[:4], PATTERN[2:7]]
     settings = GenerationConfig(temperature=0.0, top_k=None, top_p=None, max_new_tokens=6)
     assert list(decode_n(model, prompts, settings)) == list(decode_n(eager, prompts, settings))
-    assert model.fast_decode.compiled is None
+    assert model.fast_decode.runner is None
 
 
 def test_row0_only_at_batch_one(trained):
@@ -108,11 +125,15 @@ def test_without_a_compiler_it_decodes_eagerly_with_one_sentence(trained, monkey
     assert compiled_step.compile_unavailable(torch.device("meta")).endswith("not meta")
 
 
-def test_a_failed_compile_warns_once_and_decodes_eagerly(trained, monkeypatch):
+def test_a_failed_compile_warns_once_and_decodes_eagerly(trained, monkeypatch, tmp_path):
+    monkeypatch.setenv("COGNI_MAMBA_CACHE", str(tmp_path))  # no package from another test to load
+
     def broken(*args, **kwargs):
         raise RuntimeError("no luck\nmore lines of a traceback")
 
-    monkeypatch.setattr(torch, "compile", broken)
+    import torch._inductor
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", broken)
     model = prepare_model(_copy(trained), torch.float32, compile=True)
     if model.fast_decode.failed:
         pytest.skip(model.fast_decode.failed)
