@@ -36,7 +36,7 @@ from ..errors import CogniError
 from ..generate import fit_prompt, make_generator
 from .cache import SlotCache
 from .request import EngineBusy, EngineStats, Request, _Group, _Row, finished_before_cancel
-from .sampling import logits_at, pick_tokens
+from .sampling import pick_tokens, prefill_logits
 from .threads import fastest_thread_count
 
 DEFAULT_PREFILL_CHUNK = 256
@@ -255,10 +255,10 @@ class Engine:
             ids = torch.tensor([c + [0] * (width - len(c)) for c in chunks], dtype=torch.long, device=self.device)
             view = self.cache.view(start, start + len(batch))
             if len(batch) == 1:
-                last = self.model(ids, cache=view, last_only=True)[:, -1]  # (1, V)
+                last = prefill_logits(self.model, ids, view, None)  # (1, V)
             else:  # rows right-padded to one width: logits at each row's last real position, then its true length
                 lengths = [self.cache.lengths[start + k] for k in range(len(batch))]
-                last = logits_at(self.model, ids, view, [len(c) - 1 for c in chunks])  # (B, V)
+                last = prefill_logits(self.model, ids, view, [len(c) - 1 for c in chunks])  # (B, V)
                 for k, c in enumerate(chunks):
                     self.cache.set_length(start + k, lengths[k] + len(c))
             finished = []

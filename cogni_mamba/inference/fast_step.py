@@ -128,3 +128,32 @@ class FastDecoder:
         else:
             x = self._norm(x, None) * self.norm_scale
         return self._head(x).view(B, 1, -1)
+
+    def prefill(self, ids: torch.Tensor, cache, last: list[int] | None = None) -> torch.Tensor:
+        """Logits (B, V) after feeding (B, T) prompt tokens per row, with the same folded weights as the step
+        (bf16 and int8 models only: fp32 prompts go through the forward, which this would not match bit for
+        bit); taken at each row's position `last[b]` (right-padded rows), else at the last; the cache advances."""
+        assert not self.exact, "fp32 prompts run through the model's forward"
+        B, T = ids.shape
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        positions = cache.positions(T)  # (T,) or (B, T)
+        mask = cache.mask(T)  # None: every row starts empty, so plain causal attention is exact
+        cos, sin = self.cos[positions], self.sin[positions]  # (T, D) or (B, T, D)
+        cos, sin = (cos[:, None], sin[:, None]) if cos.dim() == 3 else (cos[None, None], sin[None, None])
+        x = F.embedding(ids.reshape(-1), self.model.tok_embeddings.weight)  # (B * T, dim)
+        for i, (_, _, qkv_proj, wo, w13, w2, ffn_dim) in enumerate(self._layers()):
+            qkv = qkv_proj(self._norm(x, None)).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2Hkv, T, D)
+            qk = qkv[:, :H + Hkv]
+            swapped = qk.unflatten(-1, (2, D // 2)).flip(-2).flatten(-2)
+            qk = qk * cos + swapped * sin
+            k, v = cache.update(i, qk[:, H:], qkv[:, H + Hkv:])  # (B, Hkv, S, D)
+            y = F.scaled_dot_product_attention(qk[:, :H], k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=Hkv != H)  # (B, H, T, D)
+            x = x + wo(y.transpose(1, 2).reshape(B * T, H * D))
+            gate_up = w13(self._norm(x, None))
+            x = x + w2(F.silu(gate_up[:, :ffn_dim]) * gate_up[:, ffn_dim:])
+        cache.advance(T)
+        x = x.view(B, T, -1)
+        x = x[:, -1] if last is None else x[torch.arange(B, device=x.device), torch.tensor(last, device=x.device)]
+        return self._head(self._norm(x, None) * self.norm_scale)  # (B, V)
+

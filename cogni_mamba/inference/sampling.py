@@ -28,6 +28,18 @@ def logits_at(model, ids: torch.Tensor, cache, positions: Sequence[int]) -> torc
         handle.remove()
 
 
+def prefill_logits(model, ids: torch.Tensor, cache, last: Sequence[int] | None) -> torch.Tensor:
+    """(B, V) logits after a chunk of (B, T) prompt tokens: at each row's position `last[b]` (right-padded rows),
+    else at the last. bf16 and int8 models prefill through their lean step's weights (`FastDecoder.prefill`:
+    fused q/k/v and gate/up, folded norms, about half the op calls); fp32 ones through the forward, exactly."""
+    fast = getattr(model, "fast_decode", None)
+    if fast is not None and not fast.exact and ids.shape[1] > 1 and fast.supports(cache):
+        return fast.prefill(ids, cache, None if last is None else list(last))
+    if last is None:
+        return model(ids, cache=cache, last_only=True)[:, -1]
+    return logits_at(model, ids, cache, last)
+
+
 def pick_tokens(logits: torch.Tensor, settings: Sequence[GenerationConfig], seen: Sequence[torch.Tensor | None],
                 generators: Sequence[torch.Generator | None]) -> list[int]:
     """One token per row of `logits` (n, V): row j with settings[j], seen[j] ((V,) bool, the tokens in its
