@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -122,7 +124,9 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(tiny):
             t.join(timeout=300)
         # uvicorn re-raises the signal once it has shut down, so the exit status is -SIGTERM, as it would
         # be for a hard kill: the finished replies and the log are what show the shutdown was graceful.
+        children = engine_children(server.proc.pid)
         assert server.proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert children and wait_for(lambda: not any(Path(f"/proc/{c}").exists() for c in children), 10)
 
     status, reply = results["whole"]
     assert status == 200 and reply["usage"]["completion_tokens"] == n and reply["choices"][0]["finish_reason"] == "length"
@@ -136,6 +140,30 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(tiny):
     assert "Application shutdown complete" in log
     with pytest.raises(httpx.TransportError):
         httpx.get(server.url + "/health", timeout=5)
+
+
+def engine_children(pid: int) -> list[int]:
+    """The engine processes `pid` started (spawned interpreters; not multiprocessing's resource tracker), from /proc."""
+    tasks = Path(f"/proc/{pid}/task")
+    children = [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()] if tasks.exists() else []
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the engine process through Linux's /proc")
+def test_when_the_engine_process_dies_requests_get_one_sentence_and_health_says_so(tiny):
+    with live_server(tiny.path) as server:
+        children = engine_children(server.proc.pid)
+        assert len(children) == 1  # serve's default: the model runs in a process of its own
+        assert httpx.post(server.url + CHAT, json={"messages": HELLO, "max_tokens": 3}, timeout=60).status_code == 200
+        os.kill(children[0], signal.SIGKILL)
+        assert wait_for(lambda: httpx.get(server.url + "/health", timeout=10).status_code == 503, 10)
+        assert server.health()["status"] == "engine stopped"
+        r = httpx.post(server.url + CHAT, json={"messages": HELLO, "max_tokens": 3}, timeout=60)
+        assert r.status_code == 503
+        message = r.json()["error"]["message"]
+        assert "engine process stopped" in message and "restart" in message and "\n" not in message
+        server.stop()
+        assert "Traceback" not in server.output()
 
 
 # --- a stop token, in process ---------------------------------------------------------------------

@@ -246,7 +246,7 @@ class EngineProcess:
             _, updates, stats = message
             woken = []
             with self._cond:
-                self._stats = EngineStats(*stats)
+                self._stats = dataclasses.replace(EngineStats(*stats), max_queue=self.max_queue)
                 for rid, tokens, reason, error in updates:
                     request = self._live.get(rid)
                     if request is None:
@@ -273,6 +273,7 @@ class EngineProcess:
             if self._dead is None:
                 self._dead = (f"The engine process stopped (exit code {code}); the server cannot generate any more: "
                               "restart it (if the machine ran out of memory, with a smaller --max-batch).")
+            self._stats = dataclasses.replace(self._stats, active=0, queued=0)
             orphans = list(self._live.values())
             self._live.clear()
             for request in orphans:

@@ -28,6 +28,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import CogniError
+from ..inference import EngineProcess
 from .formats import ChatFormat, TextFormat, usage
 from .jobs import Job, make_job, start
 from .schemas import ApiError, ChatRequest, CompletionRequest, SamplingRequest, parse, validation_error
@@ -49,7 +50,8 @@ class ServerState:
 
     def health(self) -> dict[str, Any]:
         stats = self.service.engine.stats()
-        return {"status": "ok", "model": self.service.name, "active_generations": stats.active,
+        stopped = isinstance(self.service.engine, EngineProcess) and not self.service.engine.running
+        return {"status": "engine stopped" if stopped else "ok", "model": self.service.name, "active_generations": stats.active,
                 "queued": stats.queued, "max_batch": stats.max_batch, "max_concurrency": stats.max_batch,
                 "queue_size": stats.max_queue, "generated_tokens": self.generated_tokens,
                 "completed_requests": self.completed_requests, "threads": stats.threads}
@@ -189,8 +191,9 @@ def create_app(service_or_checkpoint: Service | str | Path, api_key: str | None 
         return HTMLResponse(page)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return state.health()
+    async def health() -> Response:
+        body = state.health()  # 503 once the engine process has stopped: a load balancer then looks elsewhere
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models() -> dict[str, Any]:
