@@ -224,7 +224,8 @@ def bench_subject(subject: Subject, args, directory: Path) -> list[dict]:
             if decoder.failed:
                 print(f"ours {variant}: not compiled ({decoder.failed}); it ran the eager step")
             elif decoder.compile_seconds is not None and batch == 1:
-                print(f"ours {variant}: compiled in {decoder.compile_seconds:.0f} s (the first step)")
+                how = "loaded its package (compiled by an earlier run)" if decoder.loaded else "compiled"
+                print(f"ours {variant}: {how} in {decoder.compile_seconds:.1f} s (at the first step)")
         reference = outputs.get("ours fp32", next(iter(outputs.values())))
         seconds = alternate({name: (lambda fn=fn, prompt=prompt: fn(prompt)) for name, fn in here.items()}, args.repeats, args.clock)
         for name in here:

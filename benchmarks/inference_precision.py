@@ -39,7 +39,9 @@ from cogni_mamba.generate import decode_n  # noqa: E402
 from cogni_mamba.inference.precision import prepare_model  # noqa: E402
 
 VARIANTS = {"fp32": (torch.float32, None), "fp32-prepared": (torch.float32, None), "bf16": (torch.bfloat16, None),
-            "int8": (torch.bfloat16, "int8")}
+            "int8": (torch.bfloat16, "int8"), "int8-compiled": (torch.bfloat16, "int8")}
+# int8-compiled: one-row decode steps through the compiled graph (int8 weights, bf16 activations; the eval loss,
+# a full forward, is int8's)
 
 
 def greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{'delta vs fp32':>14}")
     for name in ["fp32", *[v for v in args.variants if v != "fp32"]]:
         dtype, quantize = VARIANTS[name]
-        model = base if name == "fp32" else prepare_model(_copy(base), dtype, quantize=quantize)
+        model = base if name == "fp32" else prepare_model(_copy(base), dtype, quantize=quantize,
+                                                          compile=name.endswith("-compiled"))
         outputs = [greedy(model, prompt, args.tokens) for prompt in prompts]
         loss = evaluate_stream(model, stream, byte_lengths, seq_len=base.config.max_seq_len, batch_size=4).loss
         if reference is None:

@@ -79,9 +79,9 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
             head_outside = fbgemm and _head_is_large(model)
         decoder = CompiledDecoder(decoder, head_outside=head_outside)
         if fbgemm and decoder.failed is None and _body_weights(model) > COMPILED_INT8_MAX_WEIGHTS:
-            decoder.failed = (f"the model's {_body_weights(model) / 1e6:.0f}M int8 weights per step are more than the "
-                              f"compiled step's weight-only int8 product beats fbgemm's eager one at "
-                              f"(up to {COMPILED_INT8_MAX_WEIGHTS / 1e6:.0f}M)")
+            decoder.failed = (f"this model has {_body_weights(model) / 1e6:.0f}M int8 weights in its blocks, and above "
+                              f"{COMPILED_INT8_MAX_WEIGHTS / 1e6:.0f}M fbgemm's eager int8 product is faster than the "
+                              "compiled step's weight-only one")
         if decoder.failed:
             import warnings
 
