@@ -105,6 +105,21 @@ def test_several_rows_take_the_eager_step(trained, monkeypatch):
     assert model.fast_decode.runner is None
 
 
+def test_the_engine_decodes_one_row_through_it_and_prefills_through_the_eager_step(trained):
+    from cogni_mamba.inference import Engine
+
+    model = prepare_model(_copy(trained), torch.float32, compile=True)
+    assert model.fast_decode.exact is True and model.fast_decode.prefill == model.fast_decode.eager.prefill
+    calls = []
+    model.fast_decode.runner = lambda *inputs: calls.append(1) or model.fast_decode.step(*inputs)  # uncompiled
+    engine = Engine(model, max_batch=2)
+    settings = GenerationConfig(temperature=0.0, top_k=None, top_p=None, max_new_tokens=8)
+    with torch.inference_mode():
+        expected = naive_greedy(trained, PATTERN[:5], 8)
+        assert list(engine.submit(PATTERN[:5], settings)) == expected
+    assert len(calls) == 7  # every one-row step after the first token (which the prefill gives)
+
+
 def test_row0_only_at_batch_one(trained):
     decoder = prepare_model(_copy(trained), torch.float32, compile=True).fast_decode
     if decoder.failed:

@@ -180,6 +180,12 @@ class CompiledDecoder:
     def supports(self, cache) -> bool:
         return self.eager.supports(cache)
 
+    def __getattr__(self, name: str):
+        """Everything else (`exact`, `prefill`, ...) is the eager FastDecoder's."""
+        if name == "eager":  # not set yet (a half-built object): no recursion
+            raise AttributeError(name)
+        return getattr(self.eager, name)
+
     def _row0(self, ids: torch.Tensor, cache) -> bool:
         if ids.shape[0] != 1 or self.failed:
             return False
