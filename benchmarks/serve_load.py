@@ -1,15 +1,18 @@
 """Load: 1, 4, 8, 16 concurrent streaming clients against a live server (or the engine in-process).
 
-Each level starts `clients` threads that send requests back to back until each has sent
+Each level starts `clients` clients that send requests back to back until each has sent
 --requests-per-client or --seconds have passed; a request streams its tokens, and the time of each
 arrival is kept. Per level: aggregate generated tokens/s (all tokens / the level's wall time), p50 and
 p95 time to the first token, p50 inter-token latency (per request: first to last piece over the tokens
-after the first), and the ratios to one client, printed side by side. The acceptance check of issue 14 (8 clients: >= 3x one client's tokens/s, p50 time to first
-token <= 2x one client's) is printed at the end when both levels ran.
+after the first), and the ratios to one client, printed side by side. The acceptance check of issue 14
+(8 clients: >= 3x one client's tokens/s, p50 time to first token <= 2x one client's) is printed at the
+end when both levels ran. The clients start together (their same-length requests then arrive in bursts
+of `clients` at once) or, with --stagger, spread over one request's time (as independent users' would).
 
-HTTP (default): `cogni-mamba serve` on 127.0.0.1 and a free port (loopback only), streamed chat
-completions; tokens are counted from the server's `usage` (a chunk carries the text of every token made
-since the server last looked, so chunks may hold several tokens under load).
+HTTP (default): `cogni-mamba serve --engine E` on 127.0.0.1 and a free port (loopback only), streamed chat
+completions read by one asyncio event loop (a light client); tokens are counted from the server's `usage`
+(a chunk carries the text of every token made since the server last looked, so chunks may hold several
+tokens under load). --engine process thread: both servers, taking turns --rounds times.
 --engine-only: `cogni_mamba.inference.Engine` in this process, its background thread running the
 steps and one Python thread per client iterating its Request (no HTTP).
 
@@ -17,6 +20,7 @@ Without --checkpoint the model is a random nano (its 4,096-token BPE trained on 
 demo's; --byte-tokenizer: the byte-level one), its special-token rows zeroed so every reply runs to --max-tokens.
 
     .venv/bin/python benchmarks/serve_load.py                                  # HTTP, nano-shaped, CPU
+    .venv/bin/python benchmarks/serve_load.py --clients 1 8 --engine process thread --rounds 3 --stagger
     .venv/bin/python benchmarks/serve_load.py --engine-only --clients 1 8
     .venv/bin/python benchmarks/serve_load.py --device cuda --clients 1,8,32 --engine-only
 """
@@ -24,6 +28,8 @@ demo's; --byte-tokenizer: the byte-level one), its special-token rows zeroed so 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import inspect
 import json
 import os
 import statistics
@@ -90,31 +96,54 @@ def prompt_text(client: int, k: int) -> str:
 # --- the two drivers: each runs one request and returns its Result --------------------------------
 
 class HttpDriver:
+    """Streamed chat completions over plain asyncio sockets, every client in one event loop of this process.
+
+    A light load generator: the server under test shares this machine's cores with it, and a thread per client
+    parsing its stream through an HTTP library took CPU (and turns on this process's interpreter lock) from the
+    server, more so at 8 clients than at one. Each event is found by its "data: " (the chunked framing around it is
+skipped, not parsed).
+    """
+
     def __init__(self, url: str, max_tokens: int, temperature: float):
-        import httpx
+        from urllib.parse import urlsplit
 
-        self.url, self.max_tokens, self.temperature = url, max_tokens, temperature
-        self._local = threading.local()
-        self._httpx = httpx
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname, parts.port
+        self.max_tokens, self.temperature = max_tokens, temperature
 
-    def __call__(self, client: int, k: int) -> Result:
-        http = getattr(self._local, "http", None)
-        if http is None:
-            http = self._local.http = self._httpx.Client(timeout=600)
-        body = {"messages": [{"role": "user", "content": prompt_text(client, k)}], "max_tokens": self.max_tokens,
-                "temperature": self.temperature, "stream": True, "stream_options": {"include_usage": True}}
+    async def __call__(self, client: int, k: int) -> Result:
+        import asyncio
+
+        body = json.dumps({"messages": [{"role": "user", "content": prompt_text(client, k)}],
+                           "max_tokens": self.max_tokens, "temperature": self.temperature, "stream": True,
+                           "stream_options": {"include_usage": True}}).encode()
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nConnection: close\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
         result = Result()
         start = time.perf_counter()
-        with http.stream("POST", self.url + "/v1/chat/completions", json=body) as r:
-            r.raise_for_status()
-            for line in r.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                    result.arrivals.append(time.perf_counter() - start)
-                if chunk.get("usage"):
-                    result.tokens = chunk["usage"]["completion_tokens"]
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        try:
+            writer.write(head + body)
+            status = await reader.readline()
+            if b" 200 " not in status:
+                raise RuntimeError(f"HTTP {status.decode(errors='replace').strip()}: {(await reader.read()).decode()[:200]}")
+            await reader.readuntil(b"\r\n\r\n")  # the rest of the headers
+            buffer = b""
+            while chunk := await reader.read(65536):
+                now = time.perf_counter() - start
+                buffer += chunk
+                *events, buffer = buffer.split(b"\n\n")
+                for event in events:
+                    at = event.find(b"data: ")
+                    if at < 0 or event[at:] == b"data: [DONE]":
+                        continue
+                    data = json.loads(event[at + 6:])
+                    if data["choices"] and data["choices"][0]["delta"].get("content"):
+                        result.arrivals.append(now)
+                    if data.get("usage"):
+                        result.tokens = data["usage"]["completion_tokens"]
+        finally:
+            writer.close()
         result.total = time.perf_counter() - start
         return result
 
@@ -141,14 +170,16 @@ class EngineDriver:
 
 # --- one level -----------------------------------------------------------------------------------
 
-def run_level(driver, clients: int, per_client: int, seconds: float) -> dict:
-    """`clients` threads sending requests back to back: per_client each, or until `seconds` have passed."""
+def run_level(driver, clients: int, per_client: int, seconds: float, stagger: float = 0.0) -> dict:
+    """`clients` threads sending requests back to back: per_client each, or until `seconds` have passed.
+    With `stagger`, client i sends its first request i * stagger seconds after the level starts."""
     results: list[Result] = []
     errors: list[str] = []
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
 
     def client(i: int) -> None:
+        time.sleep(i * stagger)
         for k in range(per_client):
             if time.perf_counter() > deadline:
                 return
@@ -161,12 +192,29 @@ def run_level(driver, clients: int, per_client: int, seconds: float) -> dict:
             with lock:
                 results.append(result)
 
+    async def async_client(i: int) -> None:
+        await asyncio.sleep(i * stagger)
+        for k in range(per_client):
+            if time.perf_counter() > deadline:
+                return
+            try:
+                results.append(await driver(i, k))
+            except Exception as e:  # noqa: BLE001  (reported with the level, not fatal to the others)
+                errors.append(f"{type(e).__name__}: {e}")
+                return
+
+    async def all_clients() -> None:
+        await asyncio.gather(*(async_client(i) for i in range(clients)))
+
     start = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    if inspect.iscoroutinefunction(driver.__call__):  # HTTP: every client in one event loop
+        asyncio.run(all_clients())
+    else:  # the engine in-process: a thread per client iterating its Request
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     wall = time.perf_counter() - start
     # Per request: the time from its first to its last piece over the tokens after the first (a streamed chunk
     # may carry several tokens when the server's event loop is behind, so gaps between chunks are not per token).
@@ -175,7 +223,8 @@ def run_level(driver, clients: int, per_client: int, seconds: float) -> dict:
     return {"clients": clients, "requests": len(results), "errors": errors, "seconds": wall,
             "tokens": sum(r.tokens for r in results), "tok_s": sum(r.tokens for r in results) / wall,
             "ttft_p50": percentile(ttfts, 50), "ttft_p95": percentile(ttfts, 95),
-            "itl_p50": statistics.median(itls) if itls else float("nan")}
+            "itl_p50": statistics.median(itls) if itls else float("nan"),
+            "request_seconds": statistics.median(r.total for r in results) if results else float("nan")}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -235,6 +284,30 @@ def build_engine(args, checkpoint: Path):
     return engine.start(), tokenizer
 
 
+def measure(driver, args) -> list[dict]:
+    """The levels in turn. With --stagger, each level's clients start one request's time (at one client) apart
+    in all, so their requests arrive spread out as independent users' do, not all in one burst."""
+    warm = run_level(driver, 1, 2, 30)  # warm-up: first-call allocations
+    rows = []
+    for c in args.clients:
+        stagger = warm["request_seconds"] / c if args.stagger else 0.0
+        rows.append(run_level(driver, c, args.requests_per_client, args.seconds, stagger))
+    return rows
+
+
+def measure_server(args, checkpoint: Path, engine: str, log_dir: Path) -> tuple[list[dict], object]:
+    """The levels against a fresh `cogni-mamba serve --engine ENGINE`; (rows, the engine's intra-op threads)."""
+    from tests.test_serve_fixtures import LiveServer
+
+    extra = ["--max-batch", str(args.max_batch or max(args.clients)), "--queue-size",
+             str(max(64, 2 * max(args.clients))), "--dtype", args.dtype, "--engine", engine]
+    server = LiveServer(checkpoint, *extra, device=args.device, threads=args.threads, log_dir=log_dir)
+    try:
+        return measure(HttpDriver(server.url, args.max_tokens, args.temperature), args), server.health().get("threads")
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="checkpoint or run directory (default: a random nano-shaped model)")
@@ -244,6 +317,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--engine-only", action="store_true", help="drive the Engine in this process, without HTTP")
+    p.add_argument("--engine", nargs="+", choices=("process", "thread"), default=["thread"],
+                   help="the server's --engine: thread (the default) or process (the model in a child process); "
+                        "with both, the two servers take turns, --rounds times each, and print side by side")
+    p.add_argument("--stagger", action="store_true",
+                   help="start a level's clients spread over one request's time instead of all at once (then the "
+                        "same-length requests do not arrive in synchronized bursts)")
+    p.add_argument("--rounds", type=int, default=1, help="turns per --engine setting (default 1)")
     p.add_argument("--max-batch", type=int, help="the engine's / server's max batch (default: the most clients)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -266,29 +346,28 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(Path(tmp) / "run",
                                                                                       byte_tokenizer=args.byte_tokenizer)
-        mode = "engine in-process" if args.engine_only else "HTTP server on 127.0.0.1"
-        print(f"{mode}: {checkpoint if args.checkpoint else 'random nano' + (' (byte tokenizer)' if args.byte_tokenizer else '')}, max_tokens={args.max_tokens}, "
+        mode = "engine in-process" if args.engine_only else f"HTTP server on 127.0.0.1 (--engine {' / '.join(args.engine)})"
+        print(f"{mode}, {'staggered' if args.stagger else 'simultaneous'} starts: {checkpoint if args.checkpoint else 'random nano' + (' (byte tokenizer)' if args.byte_tokenizer else '')}, max_tokens={args.max_tokens}, "
               f"temperature={args.temperature}, dtype={args.dtype}, device={args.device}, threads="
               f"{args.threads or 'auto'}, {args.requests_per_client} requests per client; load {load:.2f}")
         if args.engine_only:
             engine, tokenizer = build_engine(args, checkpoint)
             driver, stop = EngineDriver(engine, tokenizer, args.max_tokens, args.temperature), engine.stop
-            threads_in_use = lambda: engine.stats().threads  # noqa: E731
+            try:
+                results = {"engine in-process": [measure(driver, args)]}
+                threads = engine.stats().threads
+            finally:
+                stop()
         else:
-            from tests.test_serve_fixtures import LiveServer
-
-            extra = ["--max-batch", str(args.max_batch or max(args.clients)), "--queue-size",
-                     str(max(64, 2 * max(args.clients))), "--dtype", args.dtype]
-            server = LiveServer(checkpoint, *extra, device=args.device, threads=args.threads, log_dir=Path(tmp))
-            driver, stop = HttpDriver(server.url, args.max_tokens, args.temperature), server.stop
-            threads_in_use = lambda: server.health().get("threads")  # noqa: E731
-        try:
-            run_level(driver, 1, 2, 30)  # warm-up: first-call allocations
-            rows = [run_level(driver, c, args.requests_per_client, args.seconds) for c in args.clients]
-            threads = threads_in_use()
-        finally:
-            stop()
-    print_table(rows, args.markdown)
+            results = {kind: [] for kind in args.engine}
+            for _ in range(args.rounds):
+                for kind in args.engine:
+                    rows, threads = measure_server(args, checkpoint, kind, Path(tmp))
+                    results[kind].append(rows)
+    for kind, runs in results.items():
+        for i, rows in enumerate(runs):
+            print(f"\n{kind}{f' (turn {i + 1})' if len(runs) > 1 else ''}:")
+            print_table(rows, args.markdown)
     print(f"intra-op threads of the engine's steps: {threads}")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load average at the end: {load:.2f}")

@@ -26,6 +26,7 @@
 #   transformers  our step vs transformers' LlamaForCausalLM, medium bf16, eager
 #   presets     every preset at 4 x 512; ablations  one technique at a time at medium 4 x 512
 #   serve       the inference engine at 1 / 8 / 32 clients (only if serve_load.py has --engine-only)
+#   serve-http  `serve` at 1 / 8 / 32 staggered clients, the engine in its own process and on a thread
 #
 # Results: $OUT/gpu_check/gpu_check.md (every step's command and output, written as it runs),
 # $OUT/gpu_check/status.tsv (one line per finished step: id, status, seconds, title) and, at the end,
@@ -183,6 +184,7 @@ if [[ $DRY == 1 ]]; then  # the same entry points and flags as below, at sizes a
     ABL=(benchmarks/ablations.py --quick)
     HF=(benchmarks/train_throughput.py --quick --precisions bf16 --steps 2)
     SERVE=(--device cpu --clients 1,2 --engine-only --seconds 5 --max-tokens 16)
+    HTTP=(--device cpu --clients 1,2 --requests-per-client 1 --max-tokens 8 --byte-tokenizer --engine process thread)
 else
     DEV=cuda; NAME=medium
     SHAPE=(--preset medium --batch 4 --seq-len 512)
@@ -193,6 +195,8 @@ else
     ABL=(benchmarks/ablations.py --preset medium --precision fp16 --batch 4 --seq-len 512 --steps 5 --repeats 2)
     HF=(benchmarks/train_throughput.py --presets medium --precisions bf16 --batch 4 --seq-len 512 --steps 10)
     SERVE=(--device cuda --clients 1,8,32 --engine-only --seconds 20)
+    HTTP=(--device cuda --clients 1,8,32 --requests-per-client 4 --seconds 15 --stagger --byte-tokenizer
+          --engine process thread)
 fi
 
 # 1. correctness
@@ -242,6 +246,12 @@ if grep -q -- --engine-only benchmarks/serve_load.py 2>/dev/null; then
     step serve 90 "the inference engine at $(IFS=,; echo "${SERVE[3]}") clients ($DEV)" benchmarks/serve_load.py "${SERVE[@]}"
 else
     skip serve "the inference engine at 1 / 8 / 32 clients" "benchmarks/serve_load.py has no --engine-only yet"
+fi
+if grep -q -- --stagger benchmarks/serve_load.py 2>/dev/null; then
+    step serve-http 100 "the HTTP server, the engine in its own process and on a thread ($DEV)" \
+        benchmarks/serve_load.py "${HTTP[@]}"
+else
+    skip serve-http "the HTTP server with each engine placement" "benchmarks/serve_load.py has no --engine choice yet"
 fi
 
 summary

@@ -236,7 +236,7 @@ def test_gpu_check_refuses_clearly_without_cuda(tmp_path):
 # --- scripts/gpu_check.sh: order, results as it goes, summary, exit status ---------------------------
 
 GPU_CHECK_ORDER = ["precision", "attention", "dist", "pytest", "torchrun", "eager", "big-batch", "compile",
-                   "transformers", "presets", "ablations", "serve"]
+                   "transformers", "presets", "ablations", "serve", "serve-http"]
 
 
 def gpu_check(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:

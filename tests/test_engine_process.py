@@ -45,9 +45,9 @@ def test_concurrent_greedy_requests_equal_the_naive_reference(tiny, engine):
     torch.set_num_threads(1)
     prompts = [[1 + (7 * i + j) % 250 for j in range(3 + 5 * i)] for i in range(6)]  # 6 requests, 4 slots
     lengths = [5, 40, 12, 33, 1, 20]
-    requests = [engine.submit(p, greedy_settings(n)) for p, n in zip(prompts, lengths)]
+    requests = [engine.submit(p, greedy_settings(n)) for p, n in zip(prompts, lengths, strict=True)]
     got = [list(r) for r in requests]  # iterating blocks until each has finished
-    for prompt, n, tokens, request in zip(prompts, lengths, got, requests):
+    for prompt, n, tokens, request in zip(prompts, lengths, got, requests, strict=True):
         assert tokens == naive_greedy(tiny.model, prompt, n)
         assert request.finish_reason == "length" and request.completion_tokens == n
     assert wait_for(lambda: engine.stats().active == 0, 5)

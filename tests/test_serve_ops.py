@@ -105,7 +105,7 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(tiny):
     results: dict[str, object] = {}
     body = {"messages": HELLO, "max_tokens": n, "temperature": 0}
 
-    with live_server(tiny.path, "--max-concurrency", "2") as server:
+    with live_server(tiny.path, "--max-concurrency", "2", "--engine", "process") as server:
         def whole() -> None:
             r = httpx.post(server.url + CHAT, json=body, timeout=300)
             results["whole"] = (r.status_code, r.json())
@@ -151,9 +151,9 @@ def engine_children(pid: int) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the engine process through Linux's /proc")
 def test_when_the_engine_process_dies_requests_get_one_sentence_and_health_says_so(tiny):
-    with live_server(tiny.path) as server:
+    with live_server(tiny.path, "--engine", "process") as server:
         children = engine_children(server.proc.pid)
-        assert len(children) == 1  # serve's default: the model runs in a process of its own
+        assert len(children) == 1  # the model runs in a process of its own
         assert httpx.post(server.url + CHAT, json={"messages": HELLO, "max_tokens": 3}, timeout=60).status_code == 200
         os.kill(children[0], signal.SIGKILL)
         assert wait_for(lambda: httpx.get(server.url + "/health", timeout=10).status_code == 503, 10)

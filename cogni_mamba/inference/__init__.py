@@ -6,7 +6,7 @@
     request = engine.submit(prompt_ids, config.generation, stop_ids=tokenizer.chat_stop_ids)
     for token in request: ...        # inline: iterating drives the engine; engine.start() runs it in a thread
 
-`EngineProcess` runs an Engine in a child process of its own (the server's default), with the same surface.
+`EngineProcess` runs an Engine in a child process of its own (`serve --engine process`), with the same surface.
 """
 
 from .cache import SlotCache
