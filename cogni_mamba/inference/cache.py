@@ -60,11 +60,11 @@ class SlotCache:
         self.v[:, b, :, :n] = v
         self.set_length(b, length)
 
-    def copy_row(self, src: int, dst: int) -> None:
-        """Make slot `dst` hold what slot `src` holds (its filled part only)."""
+    def copy_row(self, src: int, dst: int, length: int | None = None) -> None:
+        """Make slot `dst` hold what slot `src` holds (its filled part only; with `length`, its first `length`)."""
         if src == dst:
             return
-        n = self.lengths[src]
+        n = self.lengths[src] if length is None else length
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.set_length(dst, n)

@@ -12,9 +12,10 @@ scheduler iteration (`step`) does, in order:
 4. one batched forward pass of one token for every decoding row, then per-row sampling with that
    request's own settings and generator; rows that finish leave at once.
 
-The cache rows stay compact: rows 0..d-1 decode, rows d..n-1 are prefilling, and a row that leaves is
-filled by moving the last one, so every forward pass runs on a contiguous range of rows. With
-`submit_samples(prompt, n)` the prompt is prefilled once and its cache row copied to n rows.
+The cache rows stay compact: rows 0..d-1 decode, rows d..n-1 are prefilling, and a row that leaves is filled
+by moving the last one, so every forward pass runs on a contiguous range of rows. With `submit_samples(prompt,
+n)` the prompt is prefilled once and its cache row copied to n rows. A row that leaves is kept in a spare slot
+(`prefix.PrefixCache`): a later prompt that starts with its tokens (a chat's next turn) prefills only the rest.
 
 Two ways to drive it, one code path: `start()` runs `step()` in one long-lived background thread (the
 server); without it, iterating a Request runs `step()` inline until that request has a token (the Chatbot,
@@ -35,6 +36,7 @@ from ..config import GenerationConfig
 from ..errors import CogniError
 from ..generate import fit_prompt, make_generator
 from .cache import SlotCache
+from .prefix import PrefixCache
 from .request import EngineBusy, EngineStats, Request, _Group, _Row, finished_before_cancel
 from .sampling import pick_tokens, prefill_logits
 from .threads import fastest_thread_count
@@ -47,7 +49,8 @@ class Engine:
     """Continuous batching for one model: `submit` requests from any thread, `step()` or `start()` to run them."""
 
     def __init__(self, model, *, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 bos_id: int | None = None, max_len: int | None = None, threads: int | str | None = None):
+                 bos_id: int | None = None, max_len: int | None = None, threads: int | str | None = None,
+                 prefix_rows: int | None = None):
         if max_batch < 1 or max_queue < 0 or prefill_chunk < 1:
             raise CogniError(f"The engine needs max_batch >= 1, max_queue >= 0 and prefill_chunk >= 1; got "
                              f"{max_batch}, {max_queue} and {prefill_chunk}.")
@@ -58,9 +61,10 @@ class Engine:
         self.device = weight.device
         self.max_len = min(max_len or model.config.max_seq_len, model.config.max_seq_len)
         self.vocab_size = model.config.vocab_size
-        self.cache = SlotCache(model.config, max_batch, self.max_len, device=self.device, dtype=weight.dtype)
-        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
-        self.bos_id = bos_id
+        prefix_rows = min(max_batch, 8) if prefix_rows is None else prefix_rows  # finished rows kept for their prefix
+        self.cache = SlotCache(model.config, max_batch + prefix_rows, self.max_len, device=self.device, dtype=weight.dtype)
+        self.prefixes = PrefixCache(self.cache, max_batch, prefix_rows)
+        self.max_batch, self.max_queue, self.prefill_chunk, self.bos_id = max_batch, max_queue, prefill_chunk, bos_id
         self._rows: list[_Row] = []
         self._decoding = 0  # rows[:_decoding] decode, the rest are prefilling
         self._reserved = 0  # slots promised to admitted groups' other samples
@@ -68,7 +72,7 @@ class Engine:
         self._cond = threading.Condition()  # guards the queue and every Request's state
         self._step_lock = threading.Lock()  # one step at a time
         self._thread: threading.Thread | None = None
-        self._after_step: Callable[[], None] | None = None
+        self._after_step: Callable[[], None] = lambda: None
         self._stopping = False
         self._generated = self._completed = self._prefilled = self._steps = 0
         self._threads_wanted = threads
@@ -114,13 +118,9 @@ class Engine:
             request._finish(reason)
             self._cond.notify_all()
         request._notify()
-        if not self.running and self._step_lock.acquire(blocking=False):  # inline mode: free the slot now
-            try:
+        if not self.running and not self._step_lock.locked():  # inline mode: free the slot now
+            with self._step_lock:
                 self._drop_cancelled()
-            finally:
-                self._step_lock.release()
-
-    # --- running ----------------------------------------------------------------------------------
 
     @property
     def running(self) -> bool:
@@ -133,9 +133,9 @@ class Engine:
         with self._cond:
             if self._thread is None:
                 self._stopping = False
-                inherited = torch.get_num_threads()
-                self._after_step = after_step
-                self._thread = threading.Thread(target=self._loop, args=(inherited,), name="cogni-engine", daemon=True)
+                self._after_step = after_step or (lambda: None)
+                self._thread = threading.Thread(target=self._loop, args=(torch.get_num_threads(),), name="cogni-engine",
+                                                daemon=True)
                 self._thread.start()
         return self
 
@@ -165,8 +165,7 @@ class Engine:
                     return
             with contextlib.suppress(Exception):  # handed to every request it touched; the engine goes on
                 self.step()
-            if self._after_step is not None:
-                self._after_step()
+            self._after_step()
 
     def stats(self) -> EngineStats:
         with self._cond:
@@ -182,7 +181,7 @@ class Engine:
         if self.threads is None:  # "auto": measured once, on an empty cache
             if self._rows:
                 return
-            self.threads = fastest_thread_count(self.model, self.cache)
+            self.threads = fastest_thread_count(self.model, self.cache, self.max_batch)
         torch.set_num_threads(self.threads)
         self._threads_on = threading.get_ident()
 
@@ -237,7 +236,7 @@ class Engine:
                 if len(self._rows) + self._reserved + len(live) > self.max_batch:
                     return
                 self._queue.popleft()
-                self.cache.reset(len(self._rows))
+                group.done = self.prefixes.restore(group.prompt, len(self._rows))  # a kept prefix, or an empty row
                 self._rows.append(_Row(group=group))
                 self._reserved += len(live) - 1
 
@@ -382,7 +381,8 @@ class Engine:
             self._remove(i)
 
     def _remove(self, i: int) -> None:
-        """Free row i, keeping the rows compact (decoding first, then prefilling)."""
+        """Free row i (its contents kept for their prefix), keeping the rows compact (decoding first, then prefilling)."""
+        self.prefixes.keep(i, self._rows[i])
         d, last = self._decoding, len(self._rows) - 1
         if i < d:
             self._move(d - 1, i)

@@ -37,6 +37,7 @@ class Request:
         self.completion_tokens = 0  # tokens handed to the reader
         self.generated = 0  # tokens the engine has made (may run ahead of the reader)
         self._ready: collections.deque[int] = collections.deque()
+        self.ids: list[int] = []  # every token made, in order (the prefix cache keeps them with the row)
         self._cancel: str | None = None
         self._listener = None
         self.error: BaseException | None = None  # why the engine failed it (finish_reason "error")
@@ -90,6 +91,7 @@ class Request:
 
     def _emit(self, token: int) -> None:
         self.generated += 1
+        self.ids.append(token)
         self._ready.append(token)
 
     def _finish(self, reason: str) -> None:

@@ -54,9 +54,9 @@ def choose_threads(run_step: Callable[[], None], candidates: Sequence[int]) -> i
 
 
 @torch.inference_mode()
-def fastest_thread_count(model, cache) -> int:
-    """`choose_threads` for a one-token step of every row of an empty SlotCache (left empty again)."""
-    n = cache.max_batch
+def fastest_thread_count(model, cache, rows: int) -> int:
+    """`choose_threads` for a one-token step of `rows` rows of an empty SlotCache (left empty again)."""
+    n = rows
     tokens = torch.zeros(n, 1, dtype=torch.long, device=cache.k.device)
 
     def step() -> None:
