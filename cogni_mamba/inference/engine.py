@@ -34,10 +34,10 @@ import torch
 
 from ..config import GenerationConfig
 from ..errors import CogniError
-from ..generate import fit_prompt, make_generator
+from ..generate import make_generator
 from .cache import SlotCache
 from .prefix import PrefixCache
-from .request import EngineBusy, EngineStats, Request, _Group, _Row, finished_before_cancel
+from .request import EngineStats, Request, _Group, _Row, checked_submission, ended_on_its_own, engine_busy
 from .sampling import pick_tokens, prefill_logits
 from .threads import fastest_thread_count
 
@@ -89,12 +89,8 @@ class Engine:
                        on_update: Callable[[Request], None] | None = None) -> list[Request]:
         """Queue n generations of one prompt, prefilled once; with a seed, sample i uses seed + i; `on_update`:
         each request's listener from the start, called with the request (see `Request.on_update`)."""
-        settings = settings or GenerationConfig()
-        if not 1 <= n <= self.max_batch:
-            raise CogniError(f"Asked for {n} samples but the engine runs at most {self.max_batch} at once; "
-                             f"ask for 1 to {self.max_batch}.")
-        ids = fit_prompt(prompt, self.max_len, settings.max_new_tokens, bos_id=self.bos_id, on_overflow=on_overflow)
-        stops = frozenset(int(s) for s in stop_ids)
+        ids, settings, stops = checked_submission(prompt, settings, n, stop_ids, on_overflow, max_batch=self.max_batch,
+                                                  max_len=self.max_len, bos_id=self.bos_id)
         requests = [Request(self, ids, settings, stops, None if settings.seed is None
                             else make_generator(settings.seed + i, self.device), index=i) for i in range(n)]
         for request in requests if on_update else ():
@@ -103,15 +99,14 @@ class Engine:
             queued = sum(len(g.live) for g in self._queue)
             free = self.max_batch - len(self._rows) - self._reserved
             if queued + n - free > self.max_queue:
-                raise EngineBusy(f"The engine is busy: {len(self._rows)} generations are running and "
-                                 f"{queued} are queued (the limit); retry in a moment.")
+                raise engine_busy(len(self._rows), queued)
             self._queue.append(_Group(requests, ids))
             self._cond.notify_all()
         return requests
 
     def _cancel(self, request: Request, reason: str) -> None:
         with self._cond:
-            if finished_before_cancel(request, reason):
+            if ended_on_its_own(request, reason):
                 return
             request._cancel = request._cancel or reason
             request._ready.clear()

@@ -24,85 +24,30 @@ dies, every unfinished request ends with an error that says so, and later submis
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import multiprocessing
 import signal
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..config import GenerationConfig
 from ..errors import CogniError
-from ..generate import fit_prompt
-from .request import EngineBusy, EngineStats, finished_before_cancel
+from .request import EngineStats, Request, checked_submission, ended_on_its_own, engine_busy
 
 START_TIMEOUT = 600.0  # seconds the child may take to load the model (a cold start of a large checkpoint)
 
 
-class RemoteRequest:
-    """One generation running in the engine process; the same surface as `inference.Request`."""
+class RemoteRequest(Request):
+    """One generation running in the engine process: an `inference.Request` whose tokens the parent's reader
+    thread fills in (`id` names it to the child)."""
 
     def __init__(self, owner: EngineProcess, rid: int, prompt: list[int], settings: GenerationConfig,
                  stop_ids: frozenset[int], index: int):
-        self._owner = owner
+        super().__init__(owner, prompt, settings, stop_ids, None, index)
         self.id = rid
-        self.prompt = prompt
-        self.settings = settings
-        self.stop_ids = stop_ids
-        self.index = index
-        self.finish_reason: str | None = None
-        self.completion_tokens = 0
-        self.generated = 0
-        self.error: BaseException | None = None
-        self._ready: collections.deque[int] = collections.deque()
-        self._cancel: str | None = None
-        self._listener: Callable[[], None] | None = None
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.prompt)
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None and not self._ready
-
-    def __iter__(self) -> RemoteRequest:
-        return self
-
-    def __next__(self) -> int:
-        with self._owner._cond:
-            while True:
-                if self._ready:
-                    self.completion_tokens += 1
-                    return self._ready.popleft()
-                if self.error is not None:
-                    raise CogniError(f"Generation failed: {self.error}") from self.error
-                if self.finish_reason is not None:
-                    raise StopIteration
-                self._owner._cond.wait()
-
-    def take(self) -> tuple[list[int], bool]:
-        """Without blocking: the tokens made since the last call, and whether the request has ended."""
-        with self._owner._cond:
-            tokens = list(self._ready)
-            self._ready.clear()
-            self.completion_tokens += len(tokens)
-            return tokens, self.finish_reason is not None
-
-    def on_update(self, listener: Callable[[], None]) -> None:
-        """Call `listener()` (from the parent's reader thread) whenever tokens arrive or the request ends."""
-        self._listener = listener
-
-    def cancel(self, reason: str = "cancelled") -> None:
-        """Stop generating: no more tokens are handed out; the child frees the slot at its next step."""
-        self._owner._cancel(self, reason)
-
-    def _notify(self) -> None:
-        if self._listener is not None:
-            self._listener()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +118,10 @@ class EngineProcess:
         """The child runs its scheduler from the start; nothing to do (kept for the Engine's surface)."""
         return self
 
+    def step(self) -> bool:
+        """Steps run in the child: nothing to run here (a Request read after the child has gone ends, not waits)."""
+        return False
+
     def stop(self, timeout: float = 10.0) -> None:
         """Ask the child to stop after its current step and wait for it (killed after `timeout` seconds)."""
         with contextlib.suppress(OSError, ValueError):
@@ -196,18 +145,13 @@ class EngineProcess:
     def submit_samples(self, prompt: Sequence[int], settings: GenerationConfig | None = None, n: int = 1, *,
                        stop_ids: Iterable[int] = (), on_overflow: str = "warn") -> list[RemoteRequest]:
         """Queue n generations of one prompt (prefilled once in the child); EngineBusy when there is no room."""
-        settings = settings or GenerationConfig()
-        if not 1 <= n <= self.max_batch:
-            raise CogniError(f"Asked for {n} samples but the engine runs at most {self.max_batch} at once; "
-                             f"ask for 1 to {self.max_batch}.")
-        ids = fit_prompt(prompt, self.max_len, settings.max_new_tokens, bos_id=self.bos_id, on_overflow=on_overflow)
-        stops = frozenset(int(s) for s in stop_ids)
+        ids, settings, stops = checked_submission(prompt, settings, n, stop_ids, on_overflow, max_batch=self.max_batch,
+                                                  max_len=self.max_len, bos_id=self.bos_id)
         with self._cond:
             if self._dead is not None:
                 raise CogniError(self._dead)
             if len(self._live) + n > self.max_batch + self.max_queue:
-                raise EngineBusy(f"The engine is busy: {self._stats.active} generations are running and "
-                                 f"{self._stats.queued} are queued (the limit); retry in a moment.")
+                raise engine_busy(self._stats.active, self._stats.queued)
             first, self._next_id = self._next_id, self._next_id + n
             requests = [RemoteRequest(self, first + i, ids, settings, stops, i) for i in range(n)]
             self._live.update((r.id, r) for r in requests)
@@ -222,7 +166,7 @@ class EngineProcess:
 
     def _cancel(self, request: RemoteRequest, reason: str) -> None:
         with self._cond:
-            if finished_before_cancel(request, reason):
+            if ended_on_its_own(request, reason):
                 return
             first = request._cancel is None
             request._cancel = request._cancel or reason
@@ -259,6 +203,7 @@ class EngineProcess:
                     if request._cancel is not None:
                         continue
                     request._ready.extend(tokens)
+                    request.ids.extend(tokens)
                     request.generated += len(tokens)
                     if error is not None:
                         request.error = CogniError(error)

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 
 from ..config import GenerationConfig
 from ..errors import CogniError
+from ..generate import fit_prompt
 
 
 class EngineBusy(CogniError):
@@ -103,7 +105,25 @@ class Request:
             self._listener()
 
 
-def finished_before_cancel(request: Any, reason: str) -> bool:
+def checked_submission(prompt: Sequence[int], settings: GenerationConfig | None, n: int, stop_ids: Iterable[int],
+                       on_overflow: str, *, max_batch: int, max_len: int,
+                       bos_id: int | None) -> tuple[list[int], GenerationConfig, frozenset[int]]:
+    """What a submission of n samples queues: (the fitted prompt, its settings, its stop ids); CogniError for an n
+    the engine cannot run at once (and fit_prompt's for a prompt that does not fit)."""
+    settings = settings or GenerationConfig()
+    if not 1 <= n <= max_batch:
+        raise CogniError(f"Asked for {n} samples but the engine runs at most {max_batch} at once; "
+                         f"ask for 1 to {max_batch}.")
+    ids = fit_prompt(prompt, max_len, settings.max_new_tokens, bos_id=bos_id, on_overflow=on_overflow)
+    return ids, settings, frozenset(int(s) for s in stop_ids)
+
+
+def engine_busy(running: int, queued: int) -> EngineBusy:
+    return EngineBusy(f"The engine is busy: {running} generations are running and {queued} are queued (the limit); "
+                      "retry in a moment.")
+
+
+def ended_on_its_own(request: Any, reason: str) -> bool:
     """True when `request` had ended on its own before `cancel(reason)` came. When the text layer finds a stop
     string in tokens made before the request ran out of length, the reply ends on it: the reason becomes "stop"."""
     if request.finish_reason is None or request._cancel is not None:
