@@ -25,8 +25,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--int8", action="store_true",
                    help="int8 weights with one scale per output row (faster on CPUs; tokens may differ from fp32)")
     p.add_argument("--compile", action="store_true",
-                   help="run one-row decode steps as one compiled graph (CPU with a C++ compiler; the first token "
-                        "waits while it compiles, about 10-60 s; fastest with --int8)")
+                   help="run one-row decode steps as one compiled graph (CPU with a C++ compiler; the first run "
+                        "of a checkpoint waits 10-60 s while it compiles, later ones load it; fastest with --int8)")
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:
