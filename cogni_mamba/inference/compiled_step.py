@@ -48,13 +48,11 @@ class StaticStep(nn.Module):
 
     def __init__(self, decoder, *, head: bool = True):
         super().__init__()
-        from .precision import Int8Linear
-
         model = decoder.model
         cfg = model.config
         self.H, self.Hkv, self.D, self.ffn_dim, self.n_layers = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                                                                  cfg.ffn_dim, cfg.n_layers)
-        self.int8 = isinstance(model.output, Int8Linear)
+        self.int8 = model.output.weight.dtype == torch.int8  # precision.Int8Linear (not imported: no import cycle)
         self.dtype = torch.bfloat16 if self.int8 else decoder.dtype  # the activations'
         self.head = head
         linears = {"head": model.output} if head else {}
