@@ -18,6 +18,7 @@ from typing import TextIO
 
 from ..errors import CogniError
 from ..files import write_text_atomically
+from ..stats import param_counts
 from .generate import add_sampling_args, sampling_overrides
 
 HELP = """\
@@ -198,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     bot.configure(**sampling_overrides(args))
     interactive = sys.stdin.isatty()
     if interactive:
-        print(f"Chatting with {args.checkpoint} ({bot.model.num_parameters() / 1e6:.1f}M parameters). "
+        # from the shapes: an int8 model's weights are buffers, not parameters, and would not be counted
+        print(f"Chatting with {args.checkpoint} ({param_counts(bot.model.config).total / 1e6:.1f}M parameters). "
               "/help lists the commands, Ctrl-D leaves.")
     run_session(bot, line_reader(sys.stdin, interactive), sys.stdout, sys.stderr, interactive, tuple(args.stop))
     return 0
