@@ -24,7 +24,8 @@ CONTEXT = 256
 def start_process(tiny, **kwargs) -> EngineProcess:
     kwargs.setdefault("max_batch", 4)
     kwargs.setdefault("max_queue", 8)
-    return EngineProcess(tiny.path, "cpu", "fp32", threads=1, max_len=CONTEXT,
+    kwargs.setdefault("threads", 1)
+    return EngineProcess(tiny.path, "cpu", "fp32", max_len=CONTEXT,
                          bos_id=tiny.specials["<|endoftext|>"], **kwargs)
 
 
@@ -39,6 +40,14 @@ def engine(tiny):
     yield process
     process.stop()
     assert not process._process.is_alive()
+
+
+def test_the_thread_count_is_reported_before_the_first_request(tiny):
+    process = start_process(tiny, threads="auto")
+    try:
+        assert wait_for(lambda: process.stats().threads is not None, 30)  # measured by the engine's thread at start
+    finally:
+        process.stop()
 
 
 def test_concurrent_greedy_requests_equal_the_naive_reference(tiny, engine):

@@ -152,6 +152,7 @@ class Engine:
         torch.set_num_threads(inherited)
         with self._step_lock:
             self._use_threads()
+        self._after_step()  # once before any step: the thread count is known now
         while True:
             with self._cond:
                 while not self._stopping and not self._rows and not self._queue:

@@ -289,6 +289,7 @@ class _ChildLink:
         self.send_lock = threading.Lock()  # the engine's thread and the command thread both send
         self.requests: dict[int, Any] = {}
         self.dirty: set[int] = set()
+        self.announced = False  # the first flush sends the counters even with no news (the thread count is set)
 
     def submit(self, first: int, prompt: list[int], settings: GenerationConfig, n: int, stop_ids: tuple[int, ...]):
         def mark(request) -> None:
@@ -331,7 +332,8 @@ class _ChildLink:
                 updates.append((rid, tokens, request.finish_reason, error))
             elif tokens:
                 updates.append((rid, tokens, None, None))
-        if updates:
+        if updates or not self.announced:
+            self.announced = True
             self.send(("update", updates, self._stats()))
 
     def send(self, message: tuple) -> None:
