@@ -117,8 +117,8 @@ skipped, not parsed).
         body = json.dumps({"messages": [{"role": "user", "content": prompt_text(client, k)}],
                            "max_tokens": self.max_tokens, "temperature": self.temperature, "stream": True,
                            "stream_options": {"include_usage": True}}).encode()
-        head = (f"POST /v1/chat/completions HTTP/1.1\r\nConnection: close\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        head = (f"POST /v1/chat/completions HTTP/1.1\r\nConnection: close\r\nHost: {self.host}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
         result = Result()
         start = time.perf_counter()
         reader, writer = await asyncio.open_connection(self.host, self.port)
@@ -126,7 +126,8 @@ skipped, not parsed).
             writer.write(head + body)
             status = await reader.readline()
             if b" 200 " not in status:
-                raise RuntimeError(f"HTTP {status.decode(errors='replace').strip()}: {(await reader.read()).decode()[:200]}")
+                detail = (await reader.read()).decode(errors="replace")[:200]
+                raise RuntimeError(f"HTTP {status.decode(errors='replace').strip()}: {detail}")
             await reader.readuntil(b"\r\n\r\n")  # the rest of the headers
             buffer = b""
             while chunk := await reader.read(65536):
@@ -347,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
         checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(Path(tmp) / "run",
                                                                                       byte_tokenizer=args.byte_tokenizer)
         mode = "engine in-process" if args.engine_only else f"HTTP server on 127.0.0.1 (--engine {' / '.join(args.engine)})"
-        print(f"{mode}, {'staggered' if args.stagger else 'simultaneous'} starts: {checkpoint if args.checkpoint else 'random nano' + (' (byte tokenizer)' if args.byte_tokenizer else '')}, max_tokens={args.max_tokens}, "
+        model = checkpoint if args.checkpoint else "random nano" + (" (byte tokenizer)" if args.byte_tokenizer else "")
+        starts = "staggered" if args.stagger else "simultaneous"
+        print(f"{mode}, {starts} starts: {model}, max_tokens={args.max_tokens}, "
               f"temperature={args.temperature}, dtype={args.dtype}, device={args.device}, threads="
               f"{args.threads or 'auto'}, {args.requests_per_client} requests per client; load {load:.2f}")
         if args.engine_only:

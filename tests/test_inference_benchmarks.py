@@ -48,6 +48,25 @@ def test_serve_load_quick_through_the_engine(capsys):
     assert "failed request" not in out
 
 
+def test_the_http_client_reads_every_token_of_a_streamed_reply(tmp_path):
+    """serve_load's asyncio client against a live server: the usage count, one arrival per text chunk, in order;
+    with a stagger, the later clients start later."""
+    import asyncio
+
+    pytest.importorskip("uvicorn", reason="the server needs the serve extra")
+    from tests.test_serve_fixtures import live_server, make_tiny_checkpoint
+
+    tiny = make_tiny_checkpoint(tmp_path / "run", context=256)
+    with live_server(tiny.path, "--engine", "process") as server:
+        driver = serve_load.HttpDriver(server.url, 12, 0.0)
+        result = asyncio.run(driver(0, 1))
+        assert result.tokens == 12 and 1 <= len(result.arrivals) <= 12
+        assert result.arrivals == sorted(result.arrivals) and 0 < result.ttft <= result.total
+        level = serve_load.run_level(driver, 2, 1, 60, stagger=0.2)
+    assert level["requests"] == 2 and level["tokens"] == 24 and not level["errors"]
+    assert level["seconds"] >= 0.2  # the second client waited its turn
+
+
 @pytest.mark.slow  # ~20 s: imports transformers and times five decoders
 def test_decode_speed_quick_prints_every_candidate(capsys):
     decode_speed.main(["--quick"])

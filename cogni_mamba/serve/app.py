@@ -51,10 +51,11 @@ class ServerState:
     def health(self) -> dict[str, Any]:
         stats = self.service.engine.stats()
         stopped = isinstance(self.service.engine, EngineProcess) and not self.service.engine.running
-        return {"status": "engine stopped" if stopped else "ok", "model": self.service.name, "active_generations": stats.active,
-                "queued": stats.queued, "max_batch": stats.max_batch, "max_concurrency": stats.max_batch,
-                "queue_size": stats.max_queue, "generated_tokens": self.generated_tokens,
-                "completed_requests": self.completed_requests, "threads": stats.threads}
+        return {"status": "engine stopped" if stopped else "ok", "model": self.service.name,
+                "active_generations": stats.active, "queued": stats.queued, "max_batch": stats.max_batch,
+                "max_concurrency": stats.max_batch, "queue_size": stats.max_queue,
+                "generated_tokens": self.generated_tokens, "completed_requests": self.completed_requests,
+                "threads": stats.threads}
 
 
 # --- answering a job ----------------------------------------------------------------------------
