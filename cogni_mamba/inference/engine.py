@@ -123,8 +123,8 @@ class Engine:
         return self._thread is not None
 
     def start(self, after_step: Callable[[], None] | None = None) -> Engine:
-        """Run the scheduler in one long-lived background thread (idempotent), calling `after_step()` after each
-        iteration (the engine process sends each iteration's tokens from there)."""
+        """Run the scheduler in one long-lived background thread (idempotent), calling `after_step()` once its thread
+        count is set and after each iteration (the engine process sends each iteration's tokens from there)."""
         with self._cond:
             if self._thread is None:
                 self._stopping = False
