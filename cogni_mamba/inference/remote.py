@@ -82,6 +82,7 @@ class EngineProcess:
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks
         commands_out, commands_in = context.Pipe(duplex=False)
         events_out, events_in = context.Pipe(duplex=False)
+        self._reaping = threading.Lock()  # multiprocessing's join / is_alive / exitcode are not safe from two threads
         self._process = context.Process(target=child_main, args=(commands_out, events_in, spec),
                                         name="cogni-engine", daemon=True)
         self._process.start()
@@ -112,7 +113,10 @@ class EngineProcess:
 
     @property
     def running(self) -> bool:
-        return self._dead is None and self._process.is_alive()
+        if self._dead is not None:
+            return False
+        with self._reaping:
+            return self._process.is_alive()
 
     def start(self) -> EngineProcess:
         """The child runs its scheduler from the start; nothing to do (kept for the Engine's surface)."""
@@ -126,10 +130,11 @@ class EngineProcess:
         """Ask the child to stop after its current step and wait for it (killed after `timeout` seconds)."""
         with contextlib.suppress(OSError, ValueError):
             self._send(("stop",))
-        self._process.join(timeout)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
+        with self._reaping:
+            self._process.join(timeout)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
         with contextlib.suppress(OSError):
             self._commands.close()
 
@@ -215,8 +220,9 @@ class EngineProcess:
                 request._notify()
 
     def _child_gone(self) -> None:
-        self._process.join(timeout=1)
-        code = self._process.exitcode
+        with self._reaping:
+            self._process.join(timeout=1)
+            code = self._process.exitcode
         with self._cond:
             if self._dead is None:
                 self._dead = (f"The engine process stopped (exit code {code}); the server cannot generate any more: "
