@@ -78,8 +78,9 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
         if head_outside is None:
             head_outside = fbgemm and _head_is_large(model)
         decoder = CompiledDecoder(decoder, head_outside=head_outside)
-        if fbgemm and decoder.failed is None and _body_weights(model) > COMPILED_INT8_MAX_WEIGHTS:
-            decoder.failed = (f"this model has {_body_weights(model) / 1e6:.0f}M int8 weights in its blocks, and above "
+        body = _body_weights(model)
+        if fbgemm and decoder.failed is None and body > COMPILED_INT8_MAX_WEIGHTS:
+            decoder.failed = (f"this model has {body / 1e6:.0f}M int8 weights in its blocks, and above "
                               f"{COMPILED_INT8_MAX_WEIGHTS / 1e6:.0f}M fbgemm's eager int8 product is faster than the "
                               "compiled step's weight-only one")
         if decoder.failed:

@@ -89,8 +89,7 @@ class EngineProcess:
         commands_out.close()
         events_in.close()
         self._commands, self._events = commands_in, events_out
-        self.info = self._wait_until_ready()
-        self.threads: int | None = self.info.get("threads")
+        self.info = self._wait_until_ready()  # {"dtype": the weights' dtype}; the thread count comes with stats()
         self._reader = threading.Thread(target=self._read, name="cogni-engine-reader", daemon=True)
         self._reader.start()
 
@@ -176,8 +175,7 @@ class EngineProcess:
             first = request._cancel is None
             request._cancel = request._cancel or reason
             request._ready.clear()
-            if request.finish_reason is None:
-                request.finish_reason = reason
+            request._finish(reason)
             running = first and request.id in self._live and self._dead is None
             self._cond.notify_all()
         if running:
@@ -213,7 +211,7 @@ class EngineProcess:
                     if error is not None:
                         request.error = CogniError(error)
                     if reason is not None:
-                        request.finish_reason = reason
+                        request._finish(reason)
                     woken.append(request)
                 self._cond.notify_all()
             for request in woken:
@@ -233,7 +231,7 @@ class EngineProcess:
             for request in orphans:
                 if request.finish_reason is None:
                     request.error = CogniError(self._dead)
-                    request.finish_reason = "error"
+                    request._finish("error")
             self._cond.notify_all()
         for request in orphans:
             request._notify()
@@ -249,7 +247,7 @@ def child_main(commands, events, spec: EngineSpec) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         engine = _build_engine(spec)
-        info = {"threads": engine.threads, "dtype": str(engine.model.tok_embeddings.weight.dtype).removeprefix("torch.")}
+        info = {"dtype": str(engine.model.tok_embeddings.weight.dtype).removeprefix("torch.")}
     except CogniError as e:
         events.send(("failed", str(e)))
         return
