@@ -4,14 +4,15 @@ llama.cpp (llama-cpp-python on our own GGUF export, f32 / f16 / q8_0) on the sam
 Every candidate decodes greedily from the same prompts for the same number of new tokens, on the same
 threads; the candidates of one (model, batch) are timed in turns (A B C ... then reversed), repeated,
 and the medians and the ratios between them are printed, so load on a shared machine hits all alike.
-Tokens are compared with our fp32 output: `agree` is the share of new tokens before each row's first
+Tokens are compared with our fp32 output (with the first candidate's when fp32 is not run): `agree` is the share of new tokens before each row's first
 difference (1.00 = identical; bf16 / int8 / f16 / q8_0 round differently, so they may drift apart).
 llama-cpp-python's high-level API decodes one sequence, so llama.cpp runs at batch 1 only.
 Ours is the model as `prepare_model` makes it for inference (every precision, fp32 included), whose
 one-token steps take the lean decode step (`inference/fast_step.py`; `--ours int8-forward` and the
 like turn it off; `--ours int8-compiled` and the like run batch-1 steps as one compiled graph,
-`inference/compiled_step.py`, compiled during the warm-up, its time printed); int8 on an x86 CPU is fbgemm's dynamic int8 product (int8 weights, activations
-quantized per call) with fp32 elsewhere.
+`inference/compiled_step.py`, compiled during the warm-up, its time printed). int8 on an x86 CPU is an
+int8 x int8 product with fp32 elsewhere: our kernel where the CPU has AVX512-VNNI (`inference/int8_kernel.py`,
+each activation row quantized on its own), fbgemm's dynamic int8 product otherwise and for `int8-fbgemm`.
 
     .venv/bin/python benchmarks/decode_speed.py                       # nano and tiny, batch 1 and 8
     .venv/bin/python benchmarks/decode_speed.py --checkpoint runs/demo/run --presets nano
@@ -47,7 +48,8 @@ from cogni_mamba.inference.precision import prepare_model  # noqa: E402
 from cogni_mamba.model import CogniMamba  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-OURS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8")}
+OURS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"),
+        "int8-fbgemm": (torch.bfloat16, "int8")}  # the same int8 weights on fbgemm's product, not our kernel
 # "-forward": the same weights with the lean decode step turned off (every step through the model's forward);
 # "-compiled": batch-1 steps through the compiled graph (`prepare_model(..., compile=True)`; others eager)
 VARIANTS = [*OURS, *(f"{name}-forward" for name in OURS), *(f"{name}-compiled" for name in OURS)]
@@ -57,8 +59,13 @@ def prepared(model: CogniMamba, variant: str) -> CogniMamba:
     """`model` as `prepare_model` makes it for one of VARIANTS."""
     name = variant.removesuffix("-forward").removesuffix("-compiled")
     dtype, quantize = OURS[name]
-    return prepare_model(model, dtype, quantize=quantize, fast_decode=not variant.endswith("-forward"),
-                         compile=variant.endswith("-compiled"))
+    before = os.environ.get("COGNI_MAMBA_INT8")
+    os.environ["COGNI_MAMBA_INT8"] = "fbgemm" if name == "int8-fbgemm" else ""
+    try:
+        return prepare_model(model, dtype, quantize=quantize, fast_decode=not variant.endswith("-forward"),
+                             compile=variant.endswith("-compiled"))
+    finally:
+        os.environ.pop("COGNI_MAMBA_INT8") if before is None else os.environ.update(COGNI_MAMBA_INT8=before)
 GPT2_FILES = REPO.parent / "shared" / "data" / "gpt2"
 
 
@@ -226,11 +233,13 @@ def bench_subject(subject: Subject, args, directory: Path) -> list[dict]:
             elif decoder.compile_seconds is not None and batch == 1:
                 how = "loaded its package (compiled by an earlier run)" if decoder.loaded else "compiled"
                 print(f"ours {variant}: {how} in {decoder.compile_seconds:.1f} s (at the first step)")
-        reference = outputs.get("ours fp32", next(iter(outputs.values())))
+        reference_name = "ours fp32" if "ours fp32" in outputs else next(iter(outputs))  # the first, without fp32
+        reference = outputs[reference_name]
         seconds = alternate({name: (lambda fn=fn, prompt=prompt: fn(prompt)) for name, fn in here.items()}, args.repeats, args.clock)
         for name in here:
             rows.append({"model": subject.name, "batch": batch, "candidate": name,
-                         "tok_s": batch * n / seconds[name], "agree": agreement(reference, outputs[name])})
+                         "tok_s": batch * n / seconds[name], "agree": agreement(reference, outputs[name]),
+                         "reference": reference_name})
         for name, why in skipped.items():
             if batch == 1:
                 rows.append({"model": subject.name, "batch": batch, "candidate": name, "skipped": why})
@@ -296,7 +305,8 @@ def print_rows(rows: list[dict], markdown: bool) -> None:
         llama = [r for r in timed if r["candidate"].startswith("llama.cpp")]
         best_llama = max(llama, key=lambda r: r["tok_s"]) if llama else None
         print(f"\n{model}, batch {batch}" + (f" (llama.cpp best: {best_llama['candidate']})" if best_llama else ""))
-        head = ["candidate", "tok/s", "x transformers", "x llama.cpp best", "agree with ours fp32"]
+        reference = next((r["reference"] for r in timed), "ours fp32")
+        head = ["candidate", "tok/s", "x transformers", "x llama.cpp best", f"agree with {reference}"]
         lines = []
         for r in group:
             if "skipped" in r:

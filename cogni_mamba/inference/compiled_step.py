@@ -13,9 +13,10 @@ function of tensors, so one graph serves every position:
 - the rest is `FastDecoder`'s step: fused q/k/v and gate/up, the norms' weights folded into them
   (norm eps dropped), rotary from tables.
 
-Weights: with int8 (`prepare_model(..., quantize="int8")`) the graph multiplies bf16 activations by the
-same int8 rows and per-row scales as `Int8Linear` (`torch._weight_int8pack_mm`, weight-only: no
-per-call activation quantization); otherwise plain products in the model's dtype, with inductor's
+Weights: with int8 (`prepare_model(..., quantize="int8")`) the graph calls the product the eager layers
+run, our kernel (`int8_kernel.py`, a custom op the compiled code reaches through torch's dispatcher) on
+fp32 activations, where the CPU has AVX512-VNNI; elsewhere it multiplies bf16 activations by the same int8
+rows and per-row scales (`torch._weight_int8pack_mm`, weight-only: no activation quantization); otherwise plain products in the model's dtype, with inductor's
 freezing (bf16 weights packed once for oneDNN).
 
 `CompiledDecoder` wraps the model's `FastDecoder`: batch-1 steps on row 0 of a cache go through the
@@ -53,14 +54,23 @@ class StaticStep(nn.Module):
         self.H, self.Hkv, self.D, self.ffn_dim, self.n_layers = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                                                                  cfg.ffn_dim, cfg.n_layers)
         self.int8 = model.output.weight.dtype == torch.int8  # precision.Int8Linear (not imported: no import cycle)
-        self.dtype = torch.bfloat16 if self.int8 else decoder.dtype  # the activations'
         self.head = head
         linears = {"head": model.output} if head else {}
         for i, (block, fused) in enumerate(zip(model.layers, decoder.fused, strict=True)):
             linears.update({f"qkv{i}": fused["qkv"], f"wo{i}": block.attention.wo, f"w13{i}": fused["w13"],
                             f"w2{i}": block.feed_forward.w2})
+        # int8 on our kernel (int8_kernel.py; the layers hold its packed weights): the graph calls it on fp32
+        # activations; other int8 layers run the weight-only product on bf16 activations
+        self.vnni = self.int8 and all(getattr(linear, "vnni", None) is not None for linear in linears.values())
+        self.dtype = decoder.dtype  # the activations'
+        if self.int8:
+            self.dtype = torch.float32 if self.vnni else torch.bfloat16
+        self.out_features = {name: linear.out_features for name, linear in linears.items()}
         for name, linear in linears.items():
-            if self.int8:
+            if self.vnni:
+                for part, tensor in zip(("_packed", "_sums", "_scale"), linear.vnni, strict=True):
+                    self.register_buffer(name + part, tensor, persistent=False)
+            elif self.int8:
                 self.register_buffer(name + "_w", linear.weight, persistent=False)
                 self.register_buffer(name + "_scale", linear.scale.to(self.dtype), persistent=False)
             else:
@@ -79,6 +89,9 @@ class StaticStep(nn.Module):
         self.register_buffer("sin", decoder.sin.to(self.dtype), persistent=False)
 
     def _linear(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        if self.vnni:
+            return torch.ops.cogni_mamba.int8_linear(x, getattr(self, name + "_packed"), getattr(self, name + "_sums"),
+                                                     getattr(self, name + "_scale"), self.out_features[name])
         if self.int8:
             return torch._weight_int8pack_mm(x, getattr(self, name + "_w"), getattr(self, name + "_scale"))
         return F.linear(x, getattr(self, name + "_w"))
@@ -139,7 +152,7 @@ def package_dir() -> Path:
 
 def package_key(step: StaticStep) -> str:
     """A digest of everything the compiled code depends on: torch, this file, the shapes and the weights."""
-    digest = hashlib.sha256(f"{torch.__version__}|{STEP_VERSION}|{step.int8}|{step.head}|{step.exact}|"
+    digest = hashlib.sha256(f"{torch.__version__}|{STEP_VERSION}|{step.int8}|{step.vnni}|{step.head}|{step.exact}|"
                             f"{step.dtype}|{step.H}|{step.Hkv}|{step.D}|{step.ffn_dim}|{step.n_layers}".encode())
     for name, buffer in sorted(step.named_buffers()):
         digest.update(f"{name}{tuple(buffer.shape)}{buffer.dtype}".encode())
@@ -147,7 +160,7 @@ def package_key(step: StaticStep) -> str:
     return digest.hexdigest()[:24]
 
 
-STEP_VERSION = 1  # raise it when StaticStep's computation changes: old packages are then not reused
+STEP_VERSION = 2  # raise it when StaticStep's computation changes: old packages are then not reused
 
 
 class CompiledDecoder:

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..device import cpu_has_native_bf16, cuda_has_native_bf16
 from ..errors import CogniError
+from . import int8_kernel
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 QUANTIZATIONS = ("int8",)
@@ -55,7 +56,7 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
     """
     if quantize not in (None, *QUANTIZATIONS):
         raise CogniError(f"Unknown quantization {quantize!r}; use int8 or leave it unset.")
-    if quantize == "int8" and _on_cpu(model) and fbgemm_available():
+    if quantize == "int8" and _on_cpu(model) and int8_takes_fp32():
         dtype = torch.float32
     model.eval()
     for param in model.parameters():  # tied weights are one Parameter: cast once
@@ -74,7 +75,8 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
     if compile and decoder is not None:
         from .compiled_step import CompiledDecoder
 
-        fbgemm = quantize == "int8" and dtype == torch.float32  # the eager int8 step runs fbgemm
+        # int8 on fbgemm: the graph cannot call fbgemm, and its weight-only product is slower at large sizes
+        fbgemm = quantize == "int8" and dtype == torch.float32 and getattr(model.output, "vnni", None) is None
         if head_outside is None:
             head_outside = fbgemm and _head_is_large(model)
         decoder = CompiledDecoder(decoder, head_outside=head_outside)
@@ -150,10 +152,11 @@ def pack_linears(model: nn.Module) -> nn.Module:
 class Int8Linear(nn.Module):
     """A bias-free Linear with int8 weights and a per-output-row scale.
 
-    fp32 activations run through fbgemm's dynamic int8 kernel where this torch has it (x86): each call
-    quantizes its input to 8 bits with one scale for the whole (rows x features) input, then multiplies
-    int8 by int8 (2-3x faster than the bf16 x int8 product on one core); bf16 activations use torch's
-    weight-only kernel (`torch._weight_int8pack_mm`: the weight dequantized, activations exact).
+    fp32 activations on a CPU run an int8 x int8 product: our own kernel where the CPU has AVX512-VNNI
+    (`int8_kernel`: each input row quantized to 8 bits with its own scale), else fbgemm's dynamic int8
+    kernel where this torch has it (x86: one scale for the whole (rows x features) input); both are 2-3x
+    faster than the bf16 x int8 product on one core. bf16 activations use torch's weight-only kernel
+    (`torch._weight_int8pack_mm`: the weight dequantized, activations exact).
     """
 
     def __init__(self, linear: nn.Linear):
@@ -176,11 +179,15 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight)
         self.register_buffer("scale", scale)
         self.out_features, self.in_features = weight.shape
-        self.packed = _fbgemm_pack(weight, scale) if weight.device.type == "cpu" else None
+        on_cpu = weight.device.type == "cpu"
+        self.vnni = int8_kernel.pack(weight, scale) if on_cpu and int8_kernel.available() else None
+        self.packed = _fbgemm_pack(weight, scale) if on_cpu and self.vnni is None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if x.dtype == torch.float32 and self.packed is not None:
+        if x.dtype == torch.float32 and self.vnni is not None:
+            y = int8_kernel.linear(x.reshape(-1, shape[-1]), *self.vnni, self.out_features)
+        elif x.dtype == torch.float32 and self.packed is not None:
             y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]), self.packed, INT8_REDUCE_RANGE)
         else:
             y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.weight, self.scale.to(x.dtype))
@@ -188,6 +195,9 @@ class Int8Linear(nn.Module):
 
     def kernel(self):
         """The product as a plain function (the lean decode step calls it directly)."""
+        if self.vnni is not None:
+            vnni, n, op = self.vnni, self.out_features, torch.ops.cogni_mamba.int8_linear
+            return lambda x: op(x, *vnni, n) if x.dtype == torch.float32 else self(x)
         if self.packed is None:
             return self
         packed, op = self.packed, torch.ops.quantized.linear_dynamic
@@ -208,6 +218,11 @@ def _has_vnni() -> bool:
 
 
 INT8_REDUCE_RANGE = not _has_vnni()  # 7-bit activations where the product could overflow (fbgemm's default)
+
+
+def int8_takes_fp32() -> bool:
+    """Whether int8 layers on this CPU run an int8 x int8 product on fp32 activations (ours or fbgemm's)."""
+    return int8_kernel.available() or fbgemm_available()
 
 
 def fbgemm_available() -> bool:

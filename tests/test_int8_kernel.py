@@ -1,0 +1,121 @@
+"""Our AVX512-VNNI int8 product (inference/int8_kernel.py) against the same arithmetic written in plain torch."""
+
+import warnings
+
+import pytest
+import torch
+
+from cogni_mamba.inference import int8_kernel, precision
+
+
+@pytest.fixture
+def built():
+    if not int8_kernel.wanted():
+        pytest.skip("COGNI_MAMBA_INT8=fbgemm is set")
+    reason = int8_kernel.why_unavailable()
+    if reason is not None:
+        pytest.skip(f"the int8 kernel is not available here: {reason}")
+
+
+def quantized_rows(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8), torch.rand(n, generator=g) / 50 + 1e-3
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Each row of x quantized on its own, s = max|x| / 127, q = round(x / s); then (q @ W.T) * s * scale, in fp64."""
+    s = x.abs().amax(dim=1, keepdim=True).double() / 127
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = torch.round(x.double() / s.float().double()).clamp(-127, 127)  # the kernel divides by the fp32 scale
+    return (q @ weight.double().T) * s * scale.double()
+
+
+@pytest.mark.parametrize("n,k,rows", [(16, 64, 1), (2304, 768, 1), (50, 768, 3), (33, 20, 2), (100, 130, 9),
+                                      (40, 48, 8), (17, 4, 5), (4096, 256, 28)])
+def test_kernel_matches_the_integer_arithmetic(n, k, rows, built):
+    weight, scale = quantized_rows(n, k, seed=n + k)
+    x = torch.randn(rows, k) * 3
+    x[0, 0] = 0.0
+    got = int8_kernel.linear(x, *int8_kernel.pack(weight, scale), n)
+    want = reference(x, weight, scale)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    # the integer dot products are exact; only the final fp32 products round
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-6)
+
+
+def test_zero_rows_and_all_zero_inputs(built):
+    weight, scale = quantized_rows(20, 32, seed=1)
+    packed = int8_kernel.pack(weight, scale)
+    assert int8_kernel.linear(torch.empty(0, 32), *packed, 20).shape == (0, 20)
+    assert int8_kernel.linear(torch.zeros(2, 32), *packed, 20).eq(0).all()
+
+
+def test_a_row_gives_the_same_bits_alone_in_any_batch_and_on_any_thread_count(built):
+    weight, scale = quantized_rows(300, 256, seed=2)
+    packed = int8_kernel.pack(weight, scale)
+    x = torch.randn(11, 256)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            alone = torch.cat([int8_kernel.linear(x[i:i + 1], *packed, 300) for i in range(11)])
+            outs += [alone, int8_kernel.linear(x, *packed, 300), int8_kernel.linear(x[3:8], *packed, 300)]
+    finally:
+        torch.set_num_threads(before)
+    alone = outs[0]
+    for out in outs:
+        assert torch.equal(out, alone if out.shape[0] == 11 else alone[3:8])
+
+
+def test_pack_lays_out_sixteen_rows_by_four_inputs_with_zero_padding():
+    weight, scale = quantized_rows(18, 6, seed=3)
+    packed, row_sums, scales = int8_kernel.pack(weight, scale)
+    assert packed.shape == (2, 2, 16, 4)
+    assert packed[0, 1, 5, 1] == weight[5, 5]  # block 0, inputs 4..7, row 5, input 5
+    assert packed[1, 0, 1, 3] == weight[17, 3] and packed[1, 0, 2].eq(0).all() and packed[0, 1, :, 2:].eq(0).all()
+    assert torch.equal(row_sums[:18], weight.sum(dim=1, dtype=torch.int32)) and row_sums[18:].eq(0).all()
+    assert torch.equal(scales[:18], scale) and scales[18:].eq(0).all()
+
+
+def test_bad_inputs_are_refused_with_a_message(built):
+    weight, scale = quantized_rows(20, 32, seed=4)
+    packed = int8_kernel.pack(weight, scale)
+    with pytest.raises(RuntimeError, match="fp32"):
+        int8_kernel.linear(torch.randn(2, 32, dtype=torch.bfloat16), *packed, 20)
+    with pytest.raises(RuntimeError, match="shapes"):
+        int8_kernel.linear(torch.randn(2, 40), *packed, 20)
+
+
+def test_a_failed_build_falls_back_to_fbgemm_with_one_warning(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions\n(more lines)")
+
+    monkeypatch.setattr(int8_kernel, "cpu_supports", lambda: True)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.delenv("COGNI_MAMBA_INT8", raising=False)
+    int8_kernel.why_unavailable.cache_clear()
+    int8_kernel._warn_once.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match=r"^int8 runs fbgemm's product, not ours: building it failed "
+                                             r"\(Ninja is required to load C\+\+ extensions; .*ninja` are needed\)\.$"):
+            layer = precision.Int8Linear(torch.nn.Linear(32, 8, bias=False))
+        assert layer.vnni is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # once is enough
+            precision.Int8Linear(torch.nn.Linear(32, 8, bias=False))
+        if precision.fbgemm_available():
+            assert layer.packed is not None
+            x = torch.randn(3, 32)
+            torch.testing.assert_close(layer(x), x @ layer.dequantized().T, rtol=0.05, atol=0.05)
+    finally:
+        int8_kernel.why_unavailable.cache_clear()  # the next caller builds (or loads) it again
+        int8_kernel._warn_once.cache_clear()
+
+
+def test_cogni_mamba_int8_fbgemm_turns_it_off(monkeypatch):
+    monkeypatch.setenv("COGNI_MAMBA_INT8", "fbgemm")
+    assert not int8_kernel.available()
+    assert precision.Int8Linear(torch.nn.Linear(32, 8, bias=False)).vnni is None
