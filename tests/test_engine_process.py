@@ -98,6 +98,21 @@ def test_cancel_ends_the_stream_and_frees_the_slot(engine):
     assert list(engine.submit([4], greedy_settings(3))) != []  # the engine goes on
 
 
+def test_int8_weights_in_the_child_give_the_in_process_int8_tokens(tiny):
+    """`serve --int8 --engine process`: the child quantizes the checkpoint it loads like the parent would."""
+    from cogni_mamba.inference import load_model_for_inference
+
+    model, _, _ = load_model_for_inference(tiny.path, "cpu", "fp32", quantize="int8")
+    local = Engine(model, max_batch=2, bos_id=tiny.specials["<|endoftext|>"])
+    process = start_process(tiny, quantize="int8")
+    try:
+        assert process.info["dtype"] == "int8"
+        for prompt in ([5, 6, 7, 8], [40, 41]):
+            assert list(process.submit(prompt, greedy_settings(20))) == list(local.submit(prompt, greedy_settings(20)))
+    finally:
+        process.stop()
+
+
 def test_a_full_queue_is_refused_at_once(tiny):
     process = start_process(tiny, max_batch=1, max_queue=1)
     try:

@@ -119,3 +119,32 @@ def test_cogni_mamba_int8_fbgemm_turns_it_off(monkeypatch):
     monkeypatch.setenv("COGNI_MAMBA_INT8", "fbgemm")
     assert not int8_kernel.available()
     assert precision.Int8Linear(torch.nn.Linear(32, 8, bias=False)).vnni is None
+
+
+def test_with_it_an_int8_engine_row_does_not_depend_on_its_batch(built):
+    """Rows quantized on their own: a seeded request (and a greedy one) gives the same tokens alone and beside
+    other requests of other lengths. (fbgemm's one scale per call did not: its rows followed their batch.)"""
+    import copy
+
+    from cogni_mamba import CogniMamba, ModelConfig
+    from cogni_mamba.config import GenerationConfig
+    from cogni_mamba.inference import Engine, greedy_settings
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, hidden_dim=128, max_seq_len=256,
+                      init_std=0.3)
+    model = precision.prepare_model(copy.deepcopy(CogniMamba(cfg)), torch.bfloat16, quantize="int8")
+    assert model.output.vnni is not None
+    sampled = GenerationConfig(temperature=0.9, top_k=40, top_p=0.95, seed=123, max_new_tokens=40)
+    prompt = [5, 6, 7, 8, 9, 10]
+    alone = {name: list(Engine(model, max_batch=4).submit(prompt, settings))
+             for name, settings in (("sampled", sampled), ("greedy", greedy_settings(40)))}
+    for name, settings in (("sampled", sampled), ("greedy", greedy_settings(40))):
+        engine = Engine(model, max_batch=4).start()
+        try:
+            mates = [engine.submit([9 + j] * (3 + 7 * j), greedy_settings(80)) for j in range(3)]
+            assert list(engine.submit(prompt, settings)) == alone[name], name
+            for mate in mates:
+                mate.cancel()
+        finally:
+            engine.stop()

@@ -325,3 +325,36 @@ def test_an_oversized_body_is_refused_by_its_size_before_it_is_parsed(server, ch
     assert r.json()["error"]["code"] == "request_too_large"
     assert time.perf_counter() - start < 1.5
     assert server.health()["status"] == "ok"
+
+
+def test_int8_server_streams_what_the_int8_engine_gives_alone(tiny):
+    """`serve --int8`: int8 weights (the banner says so), and 4 concurrent chats each get the tokens an
+    in-process int8 engine gives that prompt alone (our int8 kernel keeps rows independent of their batch)."""
+    import copy
+
+    import torch
+
+    from cogni_mamba.inference import Engine, greedy_settings, int8_kernel
+    from cogni_mamba.inference.precision import prepare_model
+
+    model = prepare_model(copy.deepcopy(tiny.model), torch.float32, quantize="int8")
+    prompts = [f"Int8 question {i}?" for i in range(4)]
+    ids = [chat_ids(tiny.specials, [{"role": "user", "content": p}]) for p in prompts]
+    expected = [bytes(Engine(model, max_batch=1).submit(p, greedy_settings(16))).decode("utf-8", errors="replace")
+                for p in ids]
+    results: list = [None] * 4
+    with live_server(tiny.path, "--int8", "--max-concurrency", "4") as server:
+        assert "int8, batch up to 4" in server.output()
+        c = client(server)
+        if int8_kernel.available():  # concurrent: rows in one batch
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream_chat(
+                c, model="m", messages=[{"role": "user", "content": prompts[i]}], temperature=0, max_tokens=16)))
+                for i in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=300)
+        else:  # fbgemm's rows depend on their batch: one at a time
+            results = [stream_chat(c, model="m", messages=[{"role": "user", "content": p}], temperature=0,
+                                   max_tokens=16) for p in prompts]
+    assert [r[0] for r in results] == expected

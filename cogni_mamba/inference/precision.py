@@ -94,6 +94,13 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
     return model
 
 
+def weights_label(model: nn.Module) -> str:
+    """What a prepared model's weights are, for people: "int8" for int8 layers, else the dtype ("bfloat16", ...)."""
+    if getattr(getattr(model, "output", None), "weight", None) is not None and model.output.weight.dtype == torch.int8:
+        return "int8"
+    return str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+
+
 # Above this many int8 weights per step (the head aside when it runs outside), fbgemm's eager product, ~4x
 # faster per weight than the graph's weight-only one at GPT-2 sizes, wins: measured 0.55 vs 0.77 ms a step at
 # nano (3.4M weights), 10.8 vs 5.6 ms at tiny (85M; benchmarks/RESULTS.md).

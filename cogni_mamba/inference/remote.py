@@ -35,6 +35,7 @@ from typing import Any
 
 from ..config import GenerationConfig
 from ..errors import CogniError
+from .precision import weights_label
 from .request import EngineStats, Request, checked_submission, ended_on_its_own, engine_busy
 
 START_TIMEOUT = 600.0  # seconds the child may take to load the model (a cold start of a large checkpoint)
@@ -247,7 +248,7 @@ def child_main(commands, events, spec: EngineSpec) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         engine = _build_engine(spec)
-        info = {"dtype": str(engine.model.tok_embeddings.weight.dtype).removeprefix("torch.")}
+        info = {"dtype": weights_label(engine.model)}
     except CogniError as e:
         events.send(("failed", str(e)))
         return

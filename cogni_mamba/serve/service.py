@@ -17,6 +17,7 @@ from ..config import GenerationConfig
 from ..errors import CogniError
 from ..generate import settings_with
 from ..inference import Engine, Request
+from ..inference.precision import weights_label
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_QUEUE_SIZE = 32
@@ -38,7 +39,7 @@ class Service:
         if engine is None:
             self.model = model.eval()
             self.max_seq_len = model.config.max_seq_len  # the model's context (prompt and reply together)
-            self.dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+            self.dtype = weights_label(model)
             # threads "auto": the engine's thread times its step at 1, half and all of torch's threads and keeps
             # the fastest (beside the event loop, a small model often runs faster on one).
             engine = Engine(model, max_batch=max_batch, max_queue=queue_size, bos_id=tokenizer.bos_id, threads=threads)
@@ -48,16 +49,17 @@ class Service:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: Any = "cpu", *, name: str | None = None, dtype: str = "auto",
-                        engine_process: bool = False, **kwargs: Any) -> Service:
-        """Load a checkpoint (or a run directory's latest) for serving, in `dtype` (auto: bf16 where native).
-        With engine_process, the model is loaded and run in a child process (`inference.EngineProcess`)."""
+                        quantize: str | None = None, engine_process: bool = False, **kwargs: Any) -> Service:
+        """Load a checkpoint (or a run directory's latest) for serving, in `dtype` (auto: bf16 where native), with
+        int8 weights when quantize="int8". With engine_process, the model is loaded and run in a child process
+        (`inference.EngineProcess`)."""
         from ..checkpoint import find_checkpoint, load_config_of, load_tokenizer_of
         from ..inference import load_model_for_inference
 
         checkpoint = find_checkpoint(path)
         name = name or model_name_for(checkpoint)
         if not engine_process:
-            model, tokenizer, config = load_model_for_inference(checkpoint, device, dtype)
+            model, tokenizer, config = load_model_for_inference(checkpoint, device, dtype, quantize=quantize)
             _need_tokenizer(tokenizer, checkpoint)
             return cls(model, tokenizer, config.generation, name=name, **kwargs)
         from ..inference import EngineProcess, resolve_inference_dtype
@@ -68,7 +70,7 @@ class Service:
         _need_tokenizer(tokenizer, checkpoint)
         engine = EngineProcess(checkpoint, device, dtype, max_batch=kwargs.get("max_batch", DEFAULT_MAX_BATCH),
                                max_queue=kwargs.get("queue_size", DEFAULT_QUEUE_SIZE), threads=kwargs.get("threads"),
-                               max_len=config.model.max_seq_len, bos_id=tokenizer.bos_id)
+                               max_len=config.model.max_seq_len, bos_id=tokenizer.bos_id, quantize=quantize)
         return cls(None, tokenizer, config.generation, name=name, engine=engine, context=config.model.max_seq_len)
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
