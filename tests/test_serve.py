@@ -55,6 +55,7 @@ def stream_chat(c, **kwargs) -> tuple[str, str | None, dict | None]:
 def test_health_and_models(server):
     health = server.health()
     assert health["status"] == "ok" and health["active_generations"] == 0 and health["max_concurrency"] == 4
+    assert health["weights"] == "float32"  # --dtype fp32
     models = client(server).models.list().data
     assert [m.id for m in models] == ["run/step-1"]  # <run dir>/<checkpoint>
 
@@ -344,7 +345,7 @@ def test_int8_server_streams_what_the_int8_engine_gives_alone(tiny):
                 for p in ids]
     results: list = [None] * 4
     with live_server(tiny.path, "--int8", "--max-concurrency", "4") as server:
-        assert "int8, batch up to 4" in server.output()
+        assert "int8, batch up to 4" in server.output() and server.health()["weights"] == "int8"
         c = client(server)
         if int8_kernel.available():  # concurrent: rows in one batch
             threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, stream_chat(

@@ -55,7 +55,7 @@ class ServerState:
                 "active_generations": stats.active, "queued": stats.queued, "max_batch": stats.max_batch,
                 "max_concurrency": stats.max_batch, "queue_size": stats.max_queue,
                 "generated_tokens": self.generated_tokens, "completed_requests": self.completed_requests,
-                "threads": stats.threads}
+                "threads": stats.threads, "weights": self.service.dtype}
 
 
 # --- answering a job ----------------------------------------------------------------------------
