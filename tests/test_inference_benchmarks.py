@@ -100,3 +100,18 @@ def test_inference_precision_on_a_small_checkpoint(tmp_path, capsys):
     assert rows["fp32"][1:3] == ["1.000", "3/3"] and float(rows["fp32"][-1]) == 0
     assert rows["fp32-prepared"][1:3] == ["1.000", "3/3"]  # the lean decode step: the same tokens as the forward
     assert all(abs(float(r[-1])) < 0.05 for r in rows.values())  # eval-loss deltas: small for a random model
+
+
+def test_int8_products_prints_both_kernels_and_their_errors(capsys, monkeypatch):
+    from cogni_mamba.inference import int8_kernel, precision
+
+    if not int8_kernel.available() or not precision.fbgemm_available():
+        pytest.skip("needs our int8 kernel and fbgemm")
+    import int8_products
+
+    monkeypatch.setattr(sys, "argv", ["int8_products.py", "--presets", "nano", "--rows", "1", "3", "--repeats", "1"])
+    int8_products.main()
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| nano")]
+    assert [int(r[1]) for r in rows] == [1, 3]
+    for r in rows:  # both within 8-bit rounding of the fp32 product
+        assert 0 < float(r[5]) < 0.03 and 0 < float(r[6]) < 0.03 and r[4].strip().endswith("x")

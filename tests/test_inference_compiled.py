@@ -168,3 +168,33 @@ def test_a_failed_compile_warns_once_and_decodes_eagerly(trained, monkeypatch, t
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "no luck" in messages[0] and "\n" not in messages[0], messages
     assert messages[0].endswith("decoding runs the eager step.")
+
+
+def test_ready_builds_before_the_first_step_and_announces_only_a_build(trained, monkeypatch, tmp_path):
+    monkeypatch.setenv("COGNI_MAMBA_CACHE", str(tmp_path))  # empty: whatever the other tests built
+
+    def fresh():
+        decoder = prepare_model(_copy(trained), torch.float32, compile=True).fast_decode
+        if decoder.failed:
+            pytest.skip(decoder.failed)
+        built = []
+        monkeypatch.setattr(decoder, "_package", lambda cache: built.append(cache.k.shape) or "runner")
+        return decoder, built
+
+    decoder, built = fresh()
+    said = []
+    decoder.ready(announce=said.append)
+    assert decoder.runner == "runner" and len(built) == 1 and decoder.compile_seconds is not None
+    assert len(said) == 1 and said[0].startswith("Compiling the decode step")
+    decoder.ready(announce=said.append)  # already there: nothing again
+    assert len(built) == 1 and len(said) == 1
+    again, _ = fresh()
+    again._path().parent.mkdir(parents=True, exist_ok=True)
+    again._path().write_bytes(b"")  # a package on disk: loading it is quick, so nothing is said
+    again.ready(announce=said.append)
+    assert len(said) == 1 and again.runner == "runner"
+    broken, _ = fresh()
+    monkeypatch.setattr(broken, "_package", lambda cache: (_ for _ in ()).throw(RuntimeError("no linker")))
+    with pytest.warns(UserWarning, match="compiling the decode step failed \\(no linker\\)"):
+        broken.ready()
+    assert broken.runner is None and "no linker" in broken.failed

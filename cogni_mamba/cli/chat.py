@@ -19,6 +19,7 @@ from typing import TextIO
 from ..errors import CogniError
 from ..files import write_text_atomically
 from ..stats import param_counts
+from .common import compile_before_the_first_prompt
 from .generate import add_sampling_args, sampling_overrides
 
 HELP = """\
@@ -197,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
     bot = Chatbot.from_checkpoint(args.checkpoint, device=resolve_device(args.device), dtype=args.dtype,
                                   quantize="int8" if args.int8 else None, compile=args.compile, **kwargs)
     bot.configure(**sampling_overrides(args))
+    compile_before_the_first_prompt(bot.model)
     interactive = sys.stdin.isatty()
     if interactive:
         # from the shapes: an int8 model's weights are buffers, not parameters, and would not be counted

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..config import GenerationConfig
+from .common import compile_before_the_first_prompt
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
                                                   quantize="int8" if args.int8 else None, compile=args.compile)
     if tok is None:
         raise CogniError(f"Checkpoint {args.checkpoint} has no tokenizer/ folder; use one saved by `cogni-mamba train`.")
+    compile_before_the_first_prompt(model)
     cfg: GenerationConfig = settings_with(config.generation, **sampling_overrides(args))
     # Documents in the training data follow <|endoftext|>, so a completion starts after one too.
     prompt = [tok.bos_id, *tok.encode(args.prompt)]

@@ -35,6 +35,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -184,12 +185,28 @@ class CompiledDecoder:
             self.head = kernel(self.model.output)
         self.step = StaticStep(decoder, head=not head_outside)
         self.runner = None
+        self._key: str | None = None
         self.failed: str | None = compile_unavailable(self.model.tok_embeddings.weight.device)
         self.compile_seconds: float | None = None  # building or loading the package, at the first step
         self.loaded: bool | None = None  # True when that package came from an earlier run
 
     def supports(self, cache) -> bool:
         return self.eager.supports(cache)
+
+    def ready(self, announce: Callable[[str], None] | None = None) -> None:
+        """Build (or load) the compiled step now rather than at the first step; `announce(sentence)` is called
+        before a build (not a load), which takes 10-60 s. Failures fall back to the eager step as usual."""
+        if self.runner is not None or self.failed:
+            return
+        if announce is not None and not self._path().is_file():
+            announce("Compiling the decode step for these weights (once: 10-60 s; later starts load it)...")
+        t0 = time.perf_counter()
+        try:
+            self.runner = self._package(self.model.new_cache(1, 16))
+        except Exception as error:  # noqa: BLE001 - as in __call__: eager from now on
+            self._give_up(error)
+            return
+        self.compile_seconds = time.perf_counter() - t0
 
     def __getattr__(self, name: str):
         """Everything else (`exact`, `prefill`, ...) is the eager FastDecoder's."""
@@ -223,11 +240,16 @@ class CompiledDecoder:
             out = self.head(out.to(self.eager.dtype))
         return out.view(1, 1, -1).to(self.eager.dtype)
 
+    def _path(self) -> Path:
+        if self._key is None:  # a digest of every weight: computed once
+            self._key = package_key(self.step)
+        return package_dir() / f"step-{self._key}.pt2"
+
     def _package(self, cache):
         """The loaded AOTInductor package for this step: from package_dir() when there, else built and saved."""
         import torch._inductor  # noqa: F401  (aoti_load_package, aoti_compile_and_package)
 
-        path = package_dir() / f"step-{package_key(self.step)}.pt2"
+        path = self._path()
         if path.is_file():
             try:
                 runner = torch._inductor.aoti_load_package(str(path))
