@@ -127,3 +127,13 @@ def test_the_package_has_no_import_cycle():
     import cogni_mamba
 
     assert cycles(import_graph(Path(cogni_mamba.__file__).parent)) == []
+
+
+def test_the_cli_prints_our_warnings_as_one_line_and_others_as_python_does():
+    from cogni_mamba import cli
+
+    ours = cli._one_line_for_ours(UserWarning("int8 runs fbgemm's product."), UserWarning,
+                                  "/x/cogni_mamba/inference/precision.py", 7)
+    assert ours == "warning: int8 runs fbgemm's product.\n"
+    theirs = cli._one_line_for_ours(DeprecationWarning("old"), DeprecationWarning, "/x/torch/thing.py", 3)
+    assert theirs.startswith("/x/torch/thing.py:3: DeprecationWarning: old")

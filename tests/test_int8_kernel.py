@@ -99,8 +99,8 @@ def test_a_failed_build_falls_back_to_fbgemm_with_one_warning(monkeypatch):
     int8_kernel.why_unavailable.cache_clear()
     int8_kernel._warn_once.cache_clear()
     try:
-        with pytest.warns(UserWarning, match=r"^int8 runs fbgemm's product, not ours: building it failed "
-                                             r"\(Ninja is required to load C\+\+ extensions; .*ninja` are needed\)\.$"):
+        with pytest.warns(UserWarning, match=r"^int8 runs fbgemm's product, not ours: building it failed \(Ninja is "
+                                             r"required to load C\+\+ extensions\); it needs a C\+\+ compiler, .*\.$"):
             layer = precision.Int8Linear(torch.nn.Linear(32, 8, bias=False))
         assert layer.vnni is None
         with warnings.catch_warnings():
@@ -148,3 +148,18 @@ def test_with_it_an_int8_engine_row_does_not_depend_on_its_batch(built):
                 mate.cancel()
         finally:
             engine.stop()
+
+
+@pytest.mark.parametrize("text, said", [
+    ("Error building extension 'cogni_mamba_int8': [1/2] c++ -MMD -c int8_linear.cpp -o int8_linear.o\n"
+     "FAILED: int8_linear.o\nc++ -MMD -c int8_linear.cpp -o int8_linear.o\n/tmp/cc1.s: Assembler messages:\n"
+     "/tmp/cc1.s: Fatal error: int8_linear.o: No space left on device\nninja: build stopped: subcommand failed.",
+     "int8_linear.o: No space left on device"),
+    ("Error building extension 'cogni_mamba_int8': [1/2] /opt/cc -c x.cpp\nFAILED: x.o\n/opt/cc -c x.cpp\n"
+     "/bin/sh: 1: /opt/cc: not found\nninja: build stopped: subcommand failed.", "/bin/sh: 1: /opt/cc: not found"),
+    ("Ninja is required to load C++ extensions (pip install ninja to get it)",
+     "Ninja is required to load C++ extensions (pip install ninja to get it)"),
+])
+def test_a_build_failure_is_told_by_its_telling_line(text, said):
+    """Texts as torch.utils.cpp_extension raises them (a full disk, no compiler, no ninja), shortened."""
+    assert int8_kernel._what_failed(RuntimeError(text)) == said

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
 
 from ..errors import CogniError
 
@@ -30,12 +32,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_python_format = warnings.formatwarning
+
+
+def _one_line_for_ours(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings (one sentence each, for people) as `warning: ...`; others in Python's format."""
+    if category is UserWarning and f"{os.sep}cogni_mamba{os.sep}" in filename:
+        return f"warning: {message}\n"
+    return _python_format(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    warnings.formatwarning = _one_line_for_ours
     try:
         return int(args._run(args) or 0)
     except CogniError as e:

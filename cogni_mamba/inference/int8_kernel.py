@@ -16,7 +16,9 @@ forces the fallback.
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -52,11 +54,19 @@ def why_unavailable() -> str | None:
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load("cogni_mamba_int8", [str(SOURCE)], extra_cflags=COMPILE_FLAGS, extra_ldflags=["-fopenmp"],
-                           is_python_module=False, verbose=False)
-    except Exception as error:  # no compiler, no ninja, a failed build: all mean "use fbgemm"
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return f"building it failed ({first[:160]}; a C++ compiler and `pip install ninja` are needed)"
+        log = logging.getLogger("torch.utils.cpp_extension")
+        level = log.level
+        log.setLevel(logging.ERROR)  # its notes about compilers: our one warning says what matters
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cpp_extension.load("cogni_mamba_int8", [str(SOURCE)], extra_cflags=COMPILE_FLAGS,
+                                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        finally:
+            log.setLevel(level)
+    except Exception as error:  # no compiler, no ninja, a full disk, a failed build: all mean "use fbgemm"
+        return (f"building it failed ({_what_failed(error)}); it needs a C++ compiler, ninja (`pip install ninja`) "
+                "and a few MB free under ~/.cache/torch_extensions")
     torch.library.register_fake("cogni_mamba::int8_linear", _shape_only)  # lets torch.export trace calls to it
     return None
 
@@ -64,6 +74,20 @@ def why_unavailable() -> str | None:
 def _shape_only(x: torch.Tensor, packed: torch.Tensor, row_sums: torch.Tensor, scale: torch.Tensor,
                 out_features: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
+
+
+def _what_failed(error: Exception) -> str:
+    """The telling line of a build error: the compiler's or linker's complaint, not the command lines around it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if not lines[0].startswith("Error building extension"):  # e.g. "Ninja is required to load C++ extensions"
+        return lines[0][:200]
+    said = [line for line in lines[1:] if not line.startswith(("c++ ", "g++ ", "cc ", "[", "FAILED:", "ninja:"))]
+    telling = [line for line in said if re.search(r"error|not found|no space|denied", line, re.IGNORECASE)]
+    detail = (telling or said or ["the compiler gave no reason"])[0]
+    detail = re.split(r"(?i)\berror:\s*", detail, maxsplit=1)[-1]  # "/tmp/cc1.s: Fatal error: x" -> "x"
+    return detail[:200]
 
 
 def available() -> bool:
