@@ -1,8 +1,8 @@
 """What bf16 and int8 weights cost in quality: greedy agreement with fp32 and the eval-loss delta.
 
 For a checkpoint, the fp32 model and each variant `prepare_model` makes (fp32-prepared: fp32 with the
-lean decode step, which should agree in full; bf16 weights; int8 Linear layers, on an x86 CPU fbgemm's
-dynamic int8 with the activations quantized per call) decode greedily, one prompt at a time, from the first tokens of the
+lean decode step, which should agree in full; bf16 weights; int8 Linear layers, on an x86 CPU our VNNI kernel,
+each activation row quantized on its own, or fbgemm's dynamic int8, the activations quantized per call) decode greedily, one prompt at a time, from the first tokens of the
 first --prompts documents of --data, for --tokens new tokens each. Agreement is measured against
 fp32: the share of new tokens before a prompt's first difference (averaged; after a difference the
 two continue different texts, so later positions say nothing), and how many prompts match in full.
@@ -39,9 +39,10 @@ from cogni_mamba.generate import decode_n  # noqa: E402
 from cogni_mamba.inference.precision import prepare_model  # noqa: E402
 
 VARIANTS = {"fp32": (torch.float32, None), "fp32-prepared": (torch.float32, None), "bf16": (torch.bfloat16, None),
-            "int8": (torch.bfloat16, "int8"), "int8-compiled": (torch.bfloat16, "int8")}
-# int8-compiled: one-row decode steps through the compiled graph (int8 weights, bf16 activations; the eval loss,
-# a full forward, is int8's)
+            "int8": (torch.bfloat16, "int8"), "int8-compiled": (torch.bfloat16, "int8"),
+            "int8-fbgemm": (torch.bfloat16, "int8")}
+# int8-compiled: one-row decode steps through the compiled graph (the eval loss, a full forward, is int8's);
+# int8-fbgemm: the same int8 weights on fbgemm's product instead of our kernel (COGNI_MAMBA_INT8=fbgemm)
 
 
 def greedy(model, prompt: list[int], n: int) -> list[int]:
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{'delta vs fp32':>14}")
     for name in ["fp32", *[v for v in args.variants if v != "fp32"]]:
         dtype, quantize = VARIANTS[name]
+        os.environ["COGNI_MAMBA_INT8"] = "fbgemm" if name == "int8-fbgemm" else ""
         model = base if name == "fp32" else prepare_model(_copy(base), dtype, quantize=quantize,
                                                           compile=name.endswith("-compiled"))
         outputs = [greedy(model, prompt, args.tokens) for prompt in prompts]

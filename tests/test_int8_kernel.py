@@ -23,11 +23,15 @@ def quantized_rows(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Each row of x quantized on its own, s = max|x| / 127, q = round(x / s); then (q @ W.T) * s * scale, in fp64."""
-    s = x.abs().amax(dim=1, keepdim=True).double() / 127
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    q = torch.round(x.double() / s.float().double()).clamp(-127, 127)  # the kernel divides by the fp32 scale
-    return (q @ weight.double().T) * s * scale.double()
+    """Each row of x quantized on its own to 8 unsigned bits over [min(x, 0), max(x, 0)] (fp32 arithmetic, as the
+    kernel does it): s = range / 255, z = round(-min / s), u = clamp(round(x / s) + z, 0, 255); then
+    ((u - z) @ W.T) * s * scale, in fp64."""
+    lo = x.amin(dim=1, keepdim=True).clamp(max=0)
+    hi = x.amax(dim=1, keepdim=True).clamp(min=0)
+    s = torch.where(hi > lo, (hi - lo) / 255, torch.ones_like(hi))
+    z = torch.round(-lo / s).clamp(0, 255)
+    u = (torch.round(x * (1 / s)) + z).clamp(0, 255)
+    return ((u - z).double() @ weight.double().T) * s.double() * scale.double()
 
 
 @pytest.mark.parametrize("n,k,rows", [(16, 64, 1), (2304, 768, 1), (50, 768, 3), (33, 20, 2), (100, 130, 9),
@@ -163,3 +167,15 @@ def test_with_it_an_int8_engine_row_does_not_depend_on_its_batch(built):
 def test_a_build_failure_is_told_by_its_telling_line(text, said):
     """Texts as torch.utils.cpp_extension raises them (a full disk, no compiler, no ninja), shortened."""
     assert int8_kernel._what_failed(RuntimeError(text)) == said
+
+
+def test_one_signed_rows_use_all_256_codes_of_their_range(built):
+    """Rows of one sign (after SiLU-like ops) put 0 at code 0 or 255: the whole range serves the values."""
+    weight, scale = quantized_rows(64, 96, seed=5)
+    x = torch.randn(4, 96).abs() * 2
+    x[1] = -x[1]
+    x[2, :] = 0.5  # a constant row
+    got = int8_kernel.linear(x, *int8_kernel.pack(weight, scale), 64)
+    torch.testing.assert_close(got.double(), reference(x, weight, scale), rtol=2e-6, atol=1e-6)
+    exact = x @ (weight.float() * scale[:, None]).T  # the float product: within 8-bit rounding of the range
+    assert ((got - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.01

@@ -4,8 +4,10 @@ Why our own: fbgemm's dynamic int8 linear, the product torch offers, pays ~20 us
 a nano-sized product in cache) and reads a matrix too big for the cache at about half the memory speed one
 core reaches on a sequential stream. This kernel stores each weight matrix once in the order it reads it,
 so a matrix-vector product is one sequential pass over the weights; measured in benchmarks/RESULTS.md
-("An int8 kernel of our own"). It also quantizes each activation row on its own (fbgemm uses one scale for
-the whole input), so a row's result does not depend on its batch.
+("An int8 kernel of our own"). It also quantizes each activation row on its own, to 8 bits over the row's
+range [min(x, 0), max(x, 0)] (fbgemm does the same over a whole input), so a row's result does not depend on its
+batch, and a prompt's tokens do not share one scale: on the demo checkpoint the eval loss moves +0.0001 from fp32
+with it and +0.0015 with fbgemm.
 
 `available()` says whether this machine runs it: an x86 CPU with AVX512-VNNI, a C++ compiler and ninja
 (`pip install ninja`); the build takes ~10 s once and is cached by torch.utils.cpp_extension (under

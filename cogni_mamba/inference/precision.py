@@ -160,7 +160,7 @@ class Int8Linear(nn.Module):
     """A bias-free Linear with int8 weights and a per-output-row scale.
 
     fp32 activations on a CPU run an int8 x int8 product: our own kernel where the CPU has AVX512-VNNI
-    (`int8_kernel`: each input row quantized to 8 bits with its own scale), else fbgemm's dynamic int8
+    (`int8_kernel`: each input row quantized to 8 bits over its own range), else fbgemm's dynamic int8
     kernel where this torch has it (x86: one scale for the whole (rows x features) input); both are 2-3x
     faster than the bf16 x int8 product on one core. bf16 activations use torch's weight-only kernel
     (`torch._weight_int8pack_mm`: the weight dequantized, activations exact).

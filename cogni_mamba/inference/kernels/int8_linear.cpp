@@ -1,10 +1,11 @@
 // int8 weights x fp32 activations for CPUs with AVX512-VNNI: y = x @ W.T with W (N, K) int8 and one scale per row.
 //
-// Each activation row is quantized on its own (symmetric, s = max|x| / 127), so a row's result does not depend on
+// Each activation row is quantized on its own to 8 unsigned bits over its range [min(x, 0), max(x, 0)]: x ~ s * (u - z)
+// with u in [0, 255] and z the code of 0 (as fbgemm quantizes a whole input), so a row's result does not depend on
 // the rows beside it. The weights are stored once as (N / 16, K / 4, 16, 4): for 16 output rows, 4 consecutive
-// inputs each, 64 bytes that one VPDPBUSD multiplies by 4 broadcast activation bytes. A matrix-vector product then
-// reads the weights as one sequential stream, which the hardware prefetcher follows at full memory speed.
-// VPDPBUSD takes unsigned activations, so they are shifted by +128 and 128 * (the row's weight sum) taken off.
+// inputs each, 64 bytes that one VPDPBUSD (unsigned activations x signed weights) multiplies by 4 broadcast
+// activation bytes. A matrix-vector product then reads the weights as one sequential stream, which the hardware
+// prefetcher follows at full memory speed. The zero point comes off at the end: sum (u - z) w = sum u w - z sum w.
 //
 // Built at first use by cogni_mamba/inference/int8_kernel.py (torch.utils.cpp_extension); the op is
 // torch.ops.cogni_mamba.int8_linear(x, packed, row_sums, scale, out_features).
@@ -19,39 +20,53 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 namespace {
 
 constexpr int kRowBlock = 8;  // activation rows that share one pass over the weights
 
-// One activation row to uint8 codes (round(x / s) + 128, in [1, 255]); returns s. Padding gets code 128 (zero).
-float quantize_row(const float* x, int64_t K, int64_t padded, uint8_t* out) {
-  __m512 vmax = _mm512_setzero_ps();
+struct RowQuant {
+  float scale;   // s
+  int32_t zero;  // z: the code of 0.0
+};
+
+// One activation row to uint8 codes u = round(x / s) + z over [min(x, 0), max(x, 0)]; padding gets code z (zero).
+RowQuant quantize_row(const float* x, int64_t K, int64_t padded, uint8_t* out) {
+  __m512 vmax = _mm512_setzero_ps(), vmin = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  float amax = _mm512_reduce_max_ps(vmax);
-  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
-  const float s = amax > 0 ? amax / 127.0f : 1.0f;
-  const __m512 inv = _mm512_set1_ps(1.0f / s);
-  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), shift = _mm512_set1_epi32(128);
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    vmax = _mm512_max_ps(vmax, v);
+    vmin = _mm512_min_ps(vmin, v);
+  }
+  float hi = _mm512_reduce_max_ps(vmax), lo = _mm512_reduce_min_ps(vmin);
+  for (; k < K; ++k) {
+    hi = std::max(hi, x[k]);
+    lo = std::min(lo, x[k]);
+  }
+  const float s = hi > lo ? (hi - lo) / 255.0f : 1.0f;
+  const int32_t z = std::min(255, std::max(0, static_cast<int32_t>(std::nearbyint(-lo / s))));
+  const float inv = 1.0f / s;
+  const __m512 vinv = _mm512_set1_ps(inv);
+  const __m512i vz = _mm512_set1_epi32(z), v0 = _mm512_setzero_si512(), v255 = _mm512_set1_epi32(255);
   for (k = 0; k + 16 <= K; k += 16) {
-    __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv));  // nearest, ties to even
-    q = _mm512_add_epi32(_mm512_max_epi32(_mm512_min_epi32(q, hi), lo), shift);
+    __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv)), vz);  // ties to even
+    q = _mm512_max_epi32(_mm512_min_epi32(q, v255), v0);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm512_cvtepi32_epi8(q));
   }
-  const float inv1 = 1.0f / s;
   for (; k < K; ++k) {
-    const int q = static_cast<int>(std::nearbyint(x[k] * inv1));
-    out[k] = static_cast<uint8_t>(std::min(127, std::max(-127, q)) + 128);
+    const int32_t q = static_cast<int32_t>(std::nearbyint(x[k] * inv)) + z;
+    out[k] = static_cast<uint8_t>(std::min(255, std::max(0, q)));
   }
-  for (; k < padded; ++k) out[k] = 128;
-  return s;
+  for (; k < padded; ++k) out[k] = static_cast<uint8_t>(z);
+  return {s, z};
 }
 
 // Output blocks [b0, b1) (16 rows each) for M activation rows.
 template <int M>
 void blocks(const uint32_t* codes, int64_t Kq, const int8_t* packed, const int32_t* row_sums, const float* scale,
-            const float* xs, float* y, int64_t N, int64_t b0, int64_t b1) {
+            const RowQuant* rq, float* y, int64_t N, int64_t b0, int64_t b1) {
   for (int64_t b = b0; b < b1; ++b) {
     const int8_t* w = packed + b * Kq * 64;
     __m512i acc[M][2];
@@ -69,13 +84,14 @@ void blocks(const uint32_t* codes, int64_t Kq, const int8_t* packed, const int32
       for (int m = 0; m < M; ++m)
         acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], _mm512_set1_epi32(static_cast<int>(codes[m * Kq + q])), w0);
     }
-    const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(row_sums + b * 16), 7);  // 128 * row sums
+    const __m512i sums = _mm512_loadu_si512(row_sums + b * 16);
     const __m512 sc = _mm512_loadu_ps(scale + b * 16);
     const int64_t n0 = b * 16;
     const __mmask16 keep = N - n0 >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (N - n0)) - 1);
     for (int m = 0; m < M; ++m) {
+      const __m512i offset = _mm512_mullo_epi32(sums, _mm512_set1_epi32(rq[m].zero));  // z * the rows' weight sums
       const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]), offset);
-      const __m512 out = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, _mm512_set1_ps(xs[m])));
+      const __m512 out = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sc, _mm512_set1_ps(rq[m].scale)));
       _mm512_mask_storeu_ps(y + m * N + n0, keep, out);
     }
   }
@@ -84,30 +100,30 @@ void blocks(const uint32_t* codes, int64_t Kq, const int8_t* packed, const int32
 // Rows [m0, m0 + M) of y for output blocks [b0, b1).
 template <int M>
 void row_group(const uint32_t* codes, int64_t Kq, const int8_t* packed, const int32_t* row_sums, const float* scale,
-               const float* xs, float* y, int64_t N, int64_t m0, int64_t b0, int64_t b1) {
-  blocks<M>(codes + m0 * Kq, Kq, packed, row_sums, scale, xs + m0, y + m0 * N, N, b0, b1);
+               const RowQuant* rq, float* y, int64_t N, int64_t m0, int64_t b0, int64_t b1) {
+  blocks<M>(codes + m0 * Kq, Kq, packed, row_sums, scale, rq + m0, y + m0 * N, N, b0, b1);
 }
 
 // Each thread takes a run of output blocks and, a slice of them at a time (small enough to stay in L2), passes
 // every group of activation rows over that slice: the weights come from memory once, whatever the row count.
 void all_rows(const uint32_t* codes, int64_t rows, int64_t Kq, const int8_t* packed, const int32_t* row_sums,
-              const float* scale, const float* xs, float* y, int64_t N, int64_t Nb) {
+              const float* scale, const RowQuant* rq, float* y, int64_t N, int64_t Nb) {
   const int64_t slice = std::max<int64_t>(1, (256 * 1024) / (Kq * 64));
   at::parallel_for(0, Nb, 8, [&](int64_t begin, int64_t end) {
     for (int64_t b0 = begin; b0 < end; b0 += slice) {
       const int64_t b1 = std::min(end, b0 + slice);
       int64_t m0 = 0;
       for (; m0 + kRowBlock <= rows; m0 += kRowBlock)
-        row_group<kRowBlock>(codes, Kq, packed, row_sums, scale, xs, y, N, m0, b0, b1);
+        row_group<kRowBlock>(codes, Kq, packed, row_sums, scale, rq, y, N, m0, b0, b1);
       switch (rows - m0) {
         case 0: break;
-        case 1: row_group<1>(codes, Kq, packed, row_sums, scale, xs, y, N, m0, b0, b1); break;
-        case 2: row_group<2>(codes, Kq, packed, row_sums, scale, xs, y, N, m0, b0, b1); break;
-        case 3: row_group<3>(codes, Kq, packed, row_sums, scale, xs, y, N, m0, b0, b1); break;
-        case 4: row_group<4>(codes, Kq, packed, row_sums, scale, xs, y, N, m0, b0, b1); break;
-        case 5: row_group<5>(codes, Kq, packed, row_sums, scale, xs, y, N, m0, b0, b1); break;
-        case 6: row_group<6>(codes, Kq, packed, row_sums, scale, xs, y, N, m0, b0, b1); break;
-        default: row_group<7>(codes, Kq, packed, row_sums, scale, xs, y, N, m0, b0, b1); break;
+        case 1: row_group<1>(codes, Kq, packed, row_sums, scale, rq, y, N, m0, b0, b1); break;
+        case 2: row_group<2>(codes, Kq, packed, row_sums, scale, rq, y, N, m0, b0, b1); break;
+        case 3: row_group<3>(codes, Kq, packed, row_sums, scale, rq, y, N, m0, b0, b1); break;
+        case 4: row_group<4>(codes, Kq, packed, row_sums, scale, rq, y, N, m0, b0, b1); break;
+        case 5: row_group<5>(codes, Kq, packed, row_sums, scale, rq, y, N, m0, b0, b1); break;
+        case 6: row_group<6>(codes, Kq, packed, row_sums, scale, rq, y, N, m0, b0, b1); break;
+        default: row_group<7>(codes, Kq, packed, row_sums, scale, rq, y, N, m0, b0, b1); break;
       }
     }
   });
@@ -129,13 +145,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::
   at::Tensor y = at::empty({rows, N}, x.options());
   if (rows == 0) return y;
   at::Tensor codes = at::empty({rows, Kq * 4}, x.options().dtype(at::kByte));
-  at::Tensor xs = at::empty({rows}, x.options());
+  std::vector<RowQuant> rq(rows);
   const float* xp = xc.data_ptr<float>();
   uint8_t* cp = codes.data_ptr<uint8_t>();
-  float* sp = xs.data_ptr<float>();
-  for (int64_t m = 0; m < rows; ++m) sp[m] = quantize_row(xp + m * K, K, Kq * 4, cp + m * Kq * 4);
+  for (int64_t m = 0; m < rows; ++m) rq[m] = quantize_row(xp + m * K, K, Kq * 4, cp + m * Kq * 4);
   all_rows(reinterpret_cast<const uint32_t*>(cp), rows, Kq, packed.data_ptr<int8_t>(), row_sums.data_ptr<int32_t>(),
-           scale.data_ptr<float>(), sp, y.data_ptr<float>(), N, Nb);
+           scale.data_ptr<float>(), rq.data(), y.data_ptr<float>(), N, Nb);
   return y;
 }
 
