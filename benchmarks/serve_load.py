@@ -279,7 +279,10 @@ def build_engine(args, checkpoint: Path):
 
     device = torch.device(args.device)
     model, tokenizer = load_checkpoint(checkpoint, device)
-    prepare_model(model, resolve_inference_dtype(args.dtype, device), quantize="int8" if args.int8 else None)
+    prepare_model(model, resolve_inference_dtype(args.dtype, device), quantize="int8" if args.int8 else None,
+                  compile=args.compile)
+    if args.compile:
+        model.fast_decode.ready()
     engine = Engine(model, max_batch=args.max_batch or max(args.clients), max_queue=max(64, 2 * max(args.clients)),
                     bos_id=tokenizer.bos_id, threads=args.threads or "auto")
     return engine.start(), tokenizer
@@ -302,7 +305,7 @@ def measure_server(args, checkpoint: Path, engine: str, log_dir: Path) -> tuple[
 
     extra = ["--max-batch", str(args.max_batch or max(args.clients)), "--queue-size",
              str(max(64, 2 * max(args.clients))), "--dtype", args.dtype, "--engine", engine,
-             *(["--int8"] if args.int8 else [])]
+             *(["--int8"] if args.int8 else []), *(["--compile"] if args.compile else [])]
     server = LiveServer(checkpoint, *extra, device=args.device, threads=args.threads, log_dir=log_dir)
     try:
         return measure(HttpDriver(server.url, args.max_tokens, args.temperature), args), server.health().get("threads")
@@ -329,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch", type=int, help="the engine's / server's max batch (default: the most clients)")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
     p.add_argument("--int8", action="store_true", help="int8 weights (`serve --int8`)")
+    p.add_argument("--compile", action="store_true", help="a lone request's steps compiled (`serve --compile`)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads of the engine's steps (default: the engine's 'auto' choice, timed at start)")
@@ -353,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
         model = checkpoint if args.checkpoint else "random nano" + (" (byte tokenizer)" if args.byte_tokenizer else "")
         starts = "staggered" if args.stagger else "simultaneous"
         print(f"{mode}, {starts} starts: {model}, max_tokens={args.max_tokens}, "
-              f"temperature={args.temperature}, dtype={args.dtype}{' int8' if args.int8 else ''}, device={args.device}, threads="
+              f"temperature={args.temperature}, dtype={args.dtype}{' int8' if args.int8 else ''}{' compiled' if args.compile else ''}, device={args.device}, threads="
               f"{args.threads or 'auto'}, {args.requests_per_client} requests per client; load {load:.2f}")
         if args.engine_only:
             engine, tokenizer = build_engine(args, checkpoint)

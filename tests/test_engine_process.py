@@ -156,3 +156,18 @@ def test_a_dead_child_ends_its_requests_with_an_error_and_refuses_new_ones(tiny)
             process.submit([1], greedy_settings(2))
     finally:
         process.stop()
+
+
+def test_compile_reaches_the_model_in_the_child_and_in_process(tiny, monkeypatch):
+    """`serve --compile`: both engines get a CompiledDecoder, built before serving (`ready`, stubbed here: the
+    compiled step itself is tested in test_inference_compiled.py)."""
+    from cogni_mamba.inference.compiled_step import CompiledDecoder
+    from cogni_mamba.inference.remote import EngineSpec, _build_engine
+    from cogni_mamba.serve.service import Service
+
+    readied = []
+    monkeypatch.setattr(CompiledDecoder, "ready", lambda self, announce=None: readied.append(self))
+    engine = _build_engine(EngineSpec(str(tiny.path), "cpu", "fp32", 2, 4, 1, "int8", True))
+    assert isinstance(engine.model.fast_decode, CompiledDecoder) and readied == [engine.model.fast_decode]
+    service = Service.from_checkpoint(tiny.path, "cpu", dtype="fp32", compile=True, max_batch=2)
+    assert isinstance(service.model.fast_decode, CompiledDecoder)  # the CLI readies it (compile_before_the_first_prompt)

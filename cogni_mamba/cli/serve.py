@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..errors import CogniError
+from .common import compile_before_the_first_prompt
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -32,6 +33,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--int8", action="store_true",
                    help="int8 weights with one scale per output row (faster on CPUs, most with AVX512-VNNI; tokens "
                         "may differ from fp32)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode a lone request's steps as one compiled graph (CPU with a C++ compiler; built at "
+                        "start-up, 10-60 s the first time per checkpoint; fastest with --int8)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per operation of the engine's steps (default: the fastest of 1, half and all "
@@ -72,9 +76,11 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     max_batch = args.max_batch or (8 if device.type == "cpu" else 32)
     service = Service.from_checkpoint(args.checkpoint, device, name=args.model_name, dtype=args.dtype,
-                                      quantize="int8" if args.int8 else None, max_batch=max_batch,
+                                      quantize="int8" if args.int8 else None, compile=args.compile, max_batch=max_batch,
                                       queue_size=args.queue_size, threads=args.threads or "auto",
                                       engine_process=args.engine == "process")
+    if service.model is not None:  # the engine process has built it already
+        compile_before_the_first_prompt(service.model)
     app = create_app(service, args.api_key)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {service.name} (context {service.max_seq_len} tokens, {service.dtype}, batch up to {max_batch}) at "

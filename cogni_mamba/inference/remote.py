@@ -28,6 +28,7 @@ import contextlib
 import dataclasses
 import multiprocessing
 import signal
+import sys
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -62,6 +63,7 @@ class EngineSpec:
     max_queue: int
     threads: int | str | None
     quantize: str | None = None
+    compile: bool = False
 
 
 class EngineProcess:
@@ -69,7 +71,7 @@ class EngineProcess:
     own sentence when the checkpoint cannot be loaded there."""
 
     def __init__(self, checkpoint: str | Path, device: Any = "cpu", dtype: str = "auto", *, max_batch: int = 8,
-                 max_queue: int = 32, threads: int | str | None = None, quantize: str | None = None,
+                 max_queue: int = 32, threads: int | str | None = None, quantize: str | None = None, compile: bool = False,
                  max_len: int, bos_id: int | None):
         self.max_batch, self.max_queue, self.max_len, self.bos_id = max_batch, max_queue, max_len, bos_id
         self._cond = threading.Condition()  # guards the requests' state, the live table and the snapshot
@@ -79,7 +81,7 @@ class EngineProcess:
         self._dead: str | None = None
         self._stats = EngineStats(active=0, queued=0, max_batch=max_batch, max_queue=max_queue, generated_tokens=0,
                                   completed_requests=0, prefill_tokens=0, steps=0)
-        spec = EngineSpec(str(checkpoint), str(device), dtype, max_batch, max_queue, threads, quantize)
+        spec = EngineSpec(str(checkpoint), str(device), dtype, max_batch, max_queue, threads, quantize, compile)
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks
         commands_out, commands_in = context.Pipe(duplex=False)
         events_out, events_in = context.Pipe(duplex=False)
@@ -279,7 +281,10 @@ def _build_engine(spec: EngineSpec):
     from .engine import Engine
     from .loading import load_model_for_inference
 
-    model, tokenizer, _ = load_model_for_inference(spec.checkpoint, spec.device, spec.dtype, quantize=spec.quantize)
+    model, tokenizer, _ = load_model_for_inference(spec.checkpoint, spec.device, spec.dtype, quantize=spec.quantize,
+                                                   compile=spec.compile)
+    if spec.compile and hasattr(model.fast_decode, "ready"):  # before "ready": the parent waits for it
+        model.fast_decode.ready(announce=lambda sentence: print(sentence, file=sys.stderr, flush=True))
     # The parent admits requests (max_batch + max_queue unfinished at most), so the child's queue never refuses.
     return Engine(model, max_batch=spec.max_batch, max_queue=spec.max_batch + spec.max_queue,
                   bos_id=None if tokenizer is None else tokenizer.bos_id, threads=spec.threads)

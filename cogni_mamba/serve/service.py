@@ -49,17 +49,20 @@ class Service:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: Any = "cpu", *, name: str | None = None, dtype: str = "auto",
-                        quantize: str | None = None, engine_process: bool = False, **kwargs: Any) -> Service:
+                        quantize: str | None = None, compile: bool = False, engine_process: bool = False,
+                        **kwargs: Any) -> Service:
         """Load a checkpoint (or a run directory's latest) for serving, in `dtype` (auto: bf16 where native), with
-        int8 weights when quantize="int8". With engine_process, the model is loaded and run in a child process
-        (`inference.EngineProcess`)."""
+        int8 weights when quantize="int8" and one-row decode steps compiled with `compile` (see
+        `load_model_for_inference`; the child process builds it before it says it is ready). With engine_process,
+        the model is loaded and run in a child process (`inference.EngineProcess`)."""
         from ..checkpoint import find_checkpoint, load_config_of, load_tokenizer_of
         from ..inference import load_model_for_inference
 
         checkpoint = find_checkpoint(path)
         name = name or model_name_for(checkpoint)
         if not engine_process:
-            model, tokenizer, config = load_model_for_inference(checkpoint, device, dtype, quantize=quantize)
+            model, tokenizer, config = load_model_for_inference(checkpoint, device, dtype, quantize=quantize,
+                                                                compile=compile)
             _need_tokenizer(tokenizer, checkpoint)
             return cls(model, tokenizer, config.generation, name=name, **kwargs)
         from ..inference import EngineProcess, resolve_inference_dtype
@@ -70,7 +73,8 @@ class Service:
         _need_tokenizer(tokenizer, checkpoint)
         engine = EngineProcess(checkpoint, device, dtype, max_batch=kwargs.get("max_batch", DEFAULT_MAX_BATCH),
                                max_queue=kwargs.get("queue_size", DEFAULT_QUEUE_SIZE), threads=kwargs.get("threads"),
-                               max_len=config.model.max_seq_len, bos_id=tokenizer.bos_id, quantize=quantize)
+                               max_len=config.model.max_seq_len, bos_id=tokenizer.bos_id, quantize=quantize,
+                               compile=compile)
         return cls(None, tokenizer, config.generation, name=name, engine=engine, context=config.model.max_seq_len)
 
     def chat_prompt(self, messages: Sequence[dict[str, str]]) -> list[int]:
