@@ -44,6 +44,7 @@ if str(REPO) not in sys.path:
 
 from cogni_mamba.config import Config, GenerationConfig, preset  # noqa: E402
 from cogni_mamba.generate import decode_n  # noqa: E402
+from cogni_mamba.inference.int8_kernel import fbgemm_instead  # noqa: E402
 from cogni_mamba.inference.precision import prepare_model  # noqa: E402
 from cogni_mamba.model import CogniMamba  # noqa: E402
 
@@ -59,13 +60,9 @@ def prepared(model: CogniMamba, variant: str) -> CogniMamba:
     """`model` as `prepare_model` makes it for one of VARIANTS."""
     name = variant.removesuffix("-forward").removesuffix("-compiled")
     dtype, quantize = OURS[name]
-    before = os.environ.get("COGNI_MAMBA_INT8")
-    os.environ["COGNI_MAMBA_INT8"] = "fbgemm" if name == "int8-fbgemm" else ""
-    try:
+    with fbgemm_instead(name == "int8-fbgemm"):
         return prepare_model(model, dtype, quantize=quantize, fast_decode=not variant.endswith("-forward"),
                              compile=variant.endswith("-compiled"))
-    finally:
-        os.environ.pop("COGNI_MAMBA_INT8") if before is None else os.environ.update(COGNI_MAMBA_INT8=before)
 GPT2_FILES = REPO.parent / "shared" / "data" / "gpt2"
 
 

@@ -36,6 +36,7 @@ from cogni_mamba.evaluate import (  # noqa: E402
     token_byte_lengths,
 )
 from cogni_mamba.generate import decode_n  # noqa: E402
+from cogni_mamba.inference.int8_kernel import fbgemm_instead  # noqa: E402
 from cogni_mamba.inference.precision import prepare_model  # noqa: E402
 
 VARIANTS = {"fp32": (torch.float32, None), "fp32-prepared": (torch.float32, None), "bf16": (torch.bfloat16, None),
@@ -83,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
           f"{'delta vs fp32':>14}")
     for name in ["fp32", *[v for v in args.variants if v != "fp32"]]:
         dtype, quantize = VARIANTS[name]
-        os.environ["COGNI_MAMBA_INT8"] = "fbgemm" if name == "int8-fbgemm" else ""
-        model = base if name == "fp32" else prepare_model(_copy(base), dtype, quantize=quantize,
-                                                          compile=name.endswith("-compiled"))
+        with fbgemm_instead(name == "int8-fbgemm"):
+            model = base if name == "fp32" else prepare_model(_copy(base), dtype, quantize=quantize,
+                                                              compile=name.endswith("-compiled"))
         outputs = [greedy(model, prompt, args.tokens) for prompt in prompts]
         loss = evaluate_stream(model, stream, byte_lengths, seq_len=base.config.max_seq_len, batch_size=4).loss
         if reference is None:

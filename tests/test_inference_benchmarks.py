@@ -4,6 +4,7 @@ print complete tables (decode speed, serve load through the engine, precision ag
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -91,8 +92,10 @@ def test_inference_precision_on_a_small_checkpoint(tmp_path, capsys):
     save_checkpoint(tmp_path / "run", "step-1", CogniMamba(cfg), Config(model=cfg), tokenizer=tok)
     text = tmp_path / "text.jsonl"  # one document per line
     text.write_text("".join(f'{{"text": "Story {i}: the fox ran to the river and back."}}\n' for i in range(6)))
+    before = os.environ.get("COGNI_MAMBA_INT8")
     inference_precision.main(["--checkpoint", str(tmp_path / "run"), "--data", str(text), "--prompts", "3",
                               "--tokens", "4", "--eval-tokens", "500"])
+    assert os.environ.get("COGNI_MAMBA_INT8") == before  # int8-fbgemm's switch does not outlive it
     out = capsys.readouterr().out
     names = ("fp32", "fp32-prepared", "bf16", "int8")
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in [[n] for n in names]}

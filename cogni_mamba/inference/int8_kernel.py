@@ -17,11 +17,13 @@ forces the fallback.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -36,6 +38,22 @@ COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "
 def wanted() -> bool:
     """False when the user asked for fbgemm's product (COGNI_MAMBA_INT8=fbgemm)."""
     return os.environ.get("COGNI_MAMBA_INT8", "").strip().lower() != "fbgemm"
+
+
+@contextlib.contextmanager
+def fbgemm_instead(active: bool = True) -> Iterator[None]:
+    """Within it (when `active`), int8 layers made take fbgemm's product, as under COGNI_MAMBA_INT8=fbgemm; the
+    variable is restored after (benchmarks compare the two in one process)."""
+    before = os.environ.get("COGNI_MAMBA_INT8")
+    if active:
+        os.environ["COGNI_MAMBA_INT8"] = "fbgemm"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("COGNI_MAMBA_INT8", None)
+        else:
+            os.environ["COGNI_MAMBA_INT8"] = before
 
 
 def cpu_supports() -> bool:
