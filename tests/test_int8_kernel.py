@@ -179,3 +179,16 @@ def test_one_signed_rows_use_all_256_codes_of_their_range(built):
     torch.testing.assert_close(got.double(), reference(x, weight, scale), rtol=2e-6, atol=1e-6)
     exact = x @ (weight.float() * scale[:, None]).T  # the float product: within 8-bit rounding of the range
     assert ((got - exact).norm(dim=1) / exact.norm(dim=1)).max() < 0.01
+
+
+def test_a_cpu_without_vnni_falls_back_quietly(monkeypatch):
+    monkeypatch.setattr(int8_kernel, "cpu_supports", lambda: False)
+    monkeypatch.delenv("COGNI_MAMBA_INT8", raising=False)
+    int8_kernel.why_unavailable.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing the user could act on: no warning
+            assert not int8_kernel.available()
+        assert int8_kernel.why_unavailable() == "this CPU has no AVX512-VNNI"
+    finally:
+        int8_kernel.why_unavailable.cache_clear()

@@ -11,8 +11,8 @@ with it and +0.0015 with fbgemm.
 
 `available()` says whether this machine runs it: an x86 CPU with AVX512-VNNI, a C++ compiler and ninja
 (`pip install ninja`); the build takes ~10 s once and is cached by torch.utils.cpp_extension (under
-~/.cache/torch_extensions). Anything else falls back to fbgemm with one warning. `COGNI_MAMBA_INT8=fbgemm`
-forces the fallback.
+~/.cache/torch_extensions). Anything else falls back to fbgemm, with one warning where the CPU could have run it.
+`COGNI_MAMBA_INT8=fbgemm` forces the fallback.
 """
 
 from __future__ import annotations
@@ -87,8 +87,14 @@ def why_unavailable() -> str | None:
     except Exception as error:  # no compiler, no ninja, a full disk, a failed build: all mean "use fbgemm"
         return (f"building it failed ({_what_failed(error)}); it needs a C++ compiler, ninja (`pip install ninja`) "
                 "and a few MB free under ~/.cache/torch_extensions")
-    torch.library.register_fake("cogni_mamba::int8_linear", _shape_only)  # lets torch.export trace calls to it
+    _register_shape_function()
     return None
+
+
+@functools.cache
+def _register_shape_function() -> None:
+    """Lets torch.export trace calls to the op (once per process, however often the kernel is loaded)."""
+    torch.library.register_fake("cogni_mamba::int8_linear", _shape_only)
 
 
 def _shape_only(x: torch.Tensor, packed: torch.Tensor, row_sums: torch.Tensor, scale: torch.Tensor,
@@ -111,11 +117,12 @@ def _what_failed(error: Exception) -> str:
 
 
 def available() -> bool:
-    """Whether int8 products run on this kernel (building it if needed); warns once when it cannot."""
+    """Whether int8 products run on this kernel (building it if needed); warns once when a CPU that could run it
+    cannot (a CPU without VNNI falls back to fbgemm quietly: nothing to do about it)."""
     if not wanted():
         return False
     reason = why_unavailable()
-    if reason is not None:
+    if reason is not None and cpu_supports():
         _warn_once(reason)
     return reason is None
 

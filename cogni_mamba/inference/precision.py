@@ -44,8 +44,9 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
     """`model` in eval mode with its parameters cast to `dtype` (buffers such as the rotary tables keep
     fp32); with quantize="int8", its Linear layers hold int8 weights with one scale per output row.
 
-    On a CPU whose torch has fbgemm, int8 runs with fp32 activations (the rest of the weights and the
-    KV cache in fp32, whatever `dtype` says): fbgemm's int8 x int8 product is the fast one there.
+    On an x86 CPU (our int8 kernel where it has AVX512-VNNI, else a torch with fbgemm), int8 runs with fp32
+    activations (the rest of the weights and the KV cache in fp32, whatever `dtype` says): the int8 x int8
+    product is the fast one there.
     With `fast_decode`, one-token steps go through a `FastDecoder` (fused q/k/v and gate/up weights,
     fewer ops; `model.fast_decode = None` turns it off). For inference only: the packed and fused
     weights are copies, so weights changed afterwards (training, load_state_dict) would not reach them.
