@@ -94,10 +94,11 @@ def test_inference_precision_on_a_small_checkpoint(tmp_path, capsys):
     text.write_text("".join(f'{{"text": "Story {i}: the fox ran to the river and back."}}\n' for i in range(6)))
     before = os.environ.get("COGNI_MAMBA_INT8")
     inference_precision.main(["--checkpoint", str(tmp_path / "run"), "--data", str(text), "--prompts", "3",
-                              "--tokens", "4", "--eval-tokens", "500"])
+                              "--tokens", "4", "--eval-tokens", "500",  # int8-compiled: test_inference_compiled.py
+                              "--variants", "fp32-prepared", "bf16", "int8", "int8-fbgemm"])
     assert os.environ.get("COGNI_MAMBA_INT8") == before  # int8-fbgemm's switch does not outlive it
     out = capsys.readouterr().out
-    names = ("fp32", "fp32-prepared", "bf16", "int8")
+    names = ("fp32", "fp32-prepared", "bf16", "int8", "int8-fbgemm")
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in [[n] for n in names]}
     assert set(rows) == set(names)
     assert rows["fp32"][1:3] == ["1.000", "3/3"] and float(rows["fp32"][-1]) == 0
