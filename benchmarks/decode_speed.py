@@ -4,8 +4,9 @@ llama.cpp (llama-cpp-python on our own GGUF export, f32 / f16 / q8_0) on the sam
 Every candidate decodes greedily from the same prompts for the same number of new tokens, on the same
 threads; the candidates of one (model, batch) are timed in turns (A B C ... then reversed), repeated,
 and the medians and the ratios between them are printed, so load on a shared machine hits all alike.
-Tokens are compared with our fp32 output (with the first candidate's when fp32 is not run): `agree` is the share of new tokens before each row's first
-difference (1.00 = identical; bf16 / int8 / f16 / q8_0 round differently, so they may drift apart).
+Tokens are compared with our fp32 output (with the first candidate's when fp32 is not run): `agree` is
+the share of new tokens before each row's first difference (1.00 = identical; bf16 / int8 / f16 / q8_0
+round differently, so they may drift apart).
 llama-cpp-python's high-level API decodes one sequence, so llama.cpp runs at batch 1 only.
 Ours is the model as `prepare_model` makes it for inference (every precision, fp32 included), whose
 one-token steps take the lean decode step (`inference/fast_step.py`; `--ours int8-forward` and the

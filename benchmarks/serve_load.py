@@ -356,8 +356,9 @@ def main(argv: list[str] | None = None) -> None:
         mode = "engine in-process" if args.engine_only else f"HTTP server on 127.0.0.1 (--engine {' / '.join(args.engine)})"
         model = checkpoint if args.checkpoint else "random nano" + (" (byte tokenizer)" if args.byte_tokenizer else "")
         starts = "staggered" if args.stagger else "simultaneous"
+        weights = args.dtype + (" int8" if args.int8 else "") + (" compiled" if args.compile else "")
         print(f"{mode}, {starts} starts: {model}, max_tokens={args.max_tokens}, "
-              f"temperature={args.temperature}, dtype={args.dtype}{' int8' if args.int8 else ''}{' compiled' if args.compile else ''}, device={args.device}, threads="
+              f"temperature={args.temperature}, dtype={weights}, device={args.device}, threads="
               f"{args.threads or 'auto'}, {args.requests_per_client} requests per client; load {load:.2f}")
         if args.engine_only:
             engine, tokenizer = build_engine(args, checkpoint)
