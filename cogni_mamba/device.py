@@ -3,6 +3,7 @@ kernel SDPA picks."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -51,6 +52,16 @@ def free_memory(device: torch.device) -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux; empty elsewhere), e.g. "avx512_vnni"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
 
 
 def cpu_has_native_bf16() -> bool:

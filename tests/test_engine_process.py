@@ -170,4 +170,4 @@ def test_compile_reaches_the_model_in_the_child_and_in_process(tiny, monkeypatch
     engine = _build_engine(EngineSpec(str(tiny.path), "cpu", "fp32", 2, 4, 1, "int8", True))
     assert isinstance(engine.model.fast_decode, CompiledDecoder) and readied == [engine.model.fast_decode]
     service = Service.from_checkpoint(tiny.path, "cpu", dtype="fp32", compile=True, max_batch=2)
-    assert isinstance(service.model.fast_decode, CompiledDecoder)  # the CLI readies it (compile_before_the_first_prompt)
+    assert isinstance(service.model.fast_decode, CompiledDecoder)  # the CLI builds it (compiled_step.build_now)

@@ -19,7 +19,6 @@ from typing import TextIO
 from ..errors import CogniError
 from ..files import write_text_atomically
 from ..stats import param_counts
-from .common import compile_before_the_first_prompt
 from .generate import add_sampling_args, sampling_overrides
 
 HELP = """\
@@ -192,13 +191,14 @@ def run_session(bot, read_line: Callable[[str], str | None], out: TextIO, err: T
 def run(args: argparse.Namespace) -> int:
     from ..chat import Chatbot
     from ..device import resolve_device
+    from ..inference.compiled_step import build_now
 
     # threads "auto": the first reply times a step at 1, half and all of torch's threads and keeps the fastest
     kwargs = {"threads": "auto"} if args.system is None else {"system_prompt": args.system or None, "threads": "auto"}
     bot = Chatbot.from_checkpoint(args.checkpoint, device=resolve_device(args.device), dtype=args.dtype,
                                   quantize="int8" if args.int8 else None, compile=args.compile, **kwargs)
     bot.configure(**sampling_overrides(args))
-    compile_before_the_first_prompt(bot.model)
+    build_now(bot.model)
     interactive = sys.stdin.isatty()
     if interactive:
         # from the shapes: an int8 model's weights are buffers, not parameters, and would not be counted

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..config import DEFAULT_PRESET, PRESETS, Config, apply_overrides, load_config, preset
 
@@ -36,11 +35,3 @@ def config_from_args(args: argparse.Namespace, *, default_file: str | None = "co
     path = args.config or (default_file if default_file and not args.preset and os.path.isfile(default_file) else None)
     cfg = load_config(path, base) if path else (base or preset(DEFAULT_PRESET))
     return apply_overrides(cfg, args.overrides)
-
-
-def compile_before_the_first_prompt(model) -> None:
-    """With --compile: build (or load) the compiled decode step now, saying so on stderr when it builds, so the
-    wait comes before the first prompt instead of inside its reply."""
-    decoder = getattr(model, "fast_decode", None)
-    if hasattr(decoder, "ready"):
-        decoder.ready(announce=lambda sentence: print(sentence, file=sys.stderr, flush=True))

@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from ..config import GenerationConfig
-from .common import compile_before_the_first_prompt
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import CogniError
     from ..generate import settings_with
     from ..inference import Engine, TextStream, load_model_for_inference
+    from ..inference.compiled_step import build_now
 
     if args.n < 1:
         raise CogniError(f"--n must be at least 1, got {args.n}.")
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                                                   quantize="int8" if args.int8 else None, compile=args.compile)
     if tok is None:
         raise CogniError(f"Checkpoint {args.checkpoint} has no tokenizer/ folder; use one saved by `cogni-mamba train`.")
-    compile_before_the_first_prompt(model)
+    build_now(model)
     cfg: GenerationConfig = settings_with(config.generation, **sampling_overrides(args))
     # Documents in the training data follow <|endoftext|>, so a completion starts after one too.
     prompt = [tok.bos_id, *tok.encode(args.prompt)]

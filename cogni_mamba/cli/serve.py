@@ -7,7 +7,6 @@ import os
 import sys
 
 from ..errors import CogniError
-from .common import compile_before_the_first_prompt
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -59,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         raise CogniError(f"Serving needs FastAPI and uvicorn ({e.name} is missing); "
                          "install them with: pip install 'cogni-mamba[serve]'.") from None
     from ..device import resolve_device
+    from ..inference.compiled_step import build_now
 
     if not 0 <= args.port <= 65535:
         raise CogniError(f"--port must be between 0 and 65535, got {args.port}.")
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
                                       queue_size=args.queue_size, threads=args.threads or "auto",
                                       engine_process=args.engine == "process")
     if service.model is not None:  # the engine process has built it already
-        compile_before_the_first_prompt(service.model)
+        build_now(service.model)
     app = create_app(service, args.api_key)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {service.name} (context {service.max_seq_len} tokens, {service.dtype}, batch up to {max_batch}) at "

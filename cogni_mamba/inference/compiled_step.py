@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
@@ -131,6 +132,14 @@ class StaticStep(nn.Module):
             x = x + self._linear(f"w2{i}", F.silu(gate_up[:, :self.ffn_dim]) * gate_up[:, self.ffn_dim:])
         x = self._norm(x, 0, "") * self.final
         return self._linear("head", x) if self.head else x, torch.stack(new_keys), torch.stack(new_values)
+
+
+def build_now(model) -> None:
+    """When `model.fast_decode` is a CompiledDecoder (`--compile`): build (or load) its graph now, saying so on
+    stderr when it builds, so the wait comes before the first prompt rather than inside its reply."""
+    decoder = getattr(model, "fast_decode", None)
+    if isinstance(decoder, CompiledDecoder):
+        decoder.ready(announce=lambda sentence: print(sentence, file=sys.stderr, flush=True))
 
 
 def compile_unavailable(device: torch.device) -> str | None:

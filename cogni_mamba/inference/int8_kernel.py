@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ..device import cpu_flags
+
 SOURCE = Path(__file__).with_name("kernels") / "int8_linear.cpp"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
 COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fopenmp",
@@ -58,12 +60,7 @@ def fbgemm_instead(active: bool = True) -> Iterator[None]:
 
 def cpu_supports() -> bool:
     """Whether this CPU has the AVX512 subsets the kernel is compiled for."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return all(flag in flags for flag in CPU_FLAGS)
+    return cpu_flags().issuperset(CPU_FLAGS)
 
 
 @functools.cache

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import cpu_has_native_bf16, cuda_has_native_bf16
+from ..device import cpu_flags, cpu_has_native_bf16, cuda_has_native_bf16
 from ..errors import CogniError
 from . import int8_kernel
 
@@ -97,7 +97,7 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
 
 def weights_label(model: nn.Module) -> str:
     """What a prepared model's weights are, for people: "int8" for int8 layers, else the dtype ("bfloat16", ...)."""
-    if getattr(getattr(model, "output", None), "weight", None) is not None and model.output.weight.dtype == torch.int8:
+    if isinstance(getattr(model, "output", None), Int8Linear):
         return "int8"
     return str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
 
@@ -204,8 +204,8 @@ class Int8Linear(nn.Module):
     def kernel(self):
         """The product as a plain function (the lean decode step calls it directly)."""
         if self.vnni is not None:
-            vnni, n, op = self.vnni, self.out_features, torch.ops.cogni_mamba.int8_linear
-            return lambda x: op(x, *vnni, n) if x.dtype == torch.float32 else self(x)
+            (packed, sums, scale), n, op = self.vnni, self.out_features, torch.ops.cogni_mamba.int8_linear
+            return lambda x: op(x, packed, sums, scale, n) if x.dtype == torch.float32 else self(x)
         if self.packed is None:
             return self
         packed, op = self.packed, torch.ops.quantized.linear_dynamic
@@ -218,11 +218,7 @@ class Int8Linear(nn.Module):
 
 def _has_vnni() -> bool:
     """x86 VNNI (8-bit dot products into int32): without it fbgemm's products can saturate at full range."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(flag in f.read() for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
-    except OSError:
-        return False
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 INT8_REDUCE_RANGE = not _has_vnni()  # 7-bit activations where the product could overflow (fbgemm's default)

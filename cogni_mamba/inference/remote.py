@@ -28,7 +28,6 @@ import contextlib
 import dataclasses
 import multiprocessing
 import signal
-import sys
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -278,13 +277,13 @@ def child_main(commands, events, spec: EngineSpec) -> None:
 
 
 def _build_engine(spec: EngineSpec):
+    from .compiled_step import build_now
     from .engine import Engine
     from .loading import load_model_for_inference
 
     model, tokenizer, _ = load_model_for_inference(spec.checkpoint, spec.device, spec.dtype, quantize=spec.quantize,
                                                    compile=spec.compile)
-    if spec.compile and hasattr(model.fast_decode, "ready"):  # before "ready": the parent waits for it
-        model.fast_decode.ready(announce=lambda sentence: print(sentence, file=sys.stderr, flush=True))
+    build_now(model)  # with compile: before the child says it is ready, so the parent waits for it
     # The parent admits requests (max_batch + max_queue unfinished at most), so the child's queue never refuses.
     return Engine(model, max_batch=spec.max_batch, max_queue=spec.max_batch + spec.max_queue,
                   bos_id=None if tokenizer is None else tokenizer.bos_id, threads=spec.threads)
