@@ -91,7 +91,7 @@ class EngineProcess:
         commands_out.close()
         events_in.close()
         self._commands, self._events = commands_in, events_out
-        self.info = self._wait_until_ready()  # {"dtype": the weights' dtype}; the thread count comes with stats()
+        self.info = self._wait_until_ready()  # {"dtype": "int8" or the weights' dtype}; threads come with stats()
         self._reader = threading.Thread(target=self._read, name="cogni-engine-reader", daemon=True)
         self._reader.start()
 
