@@ -276,15 +276,20 @@ def build_engine(args, checkpoint: Path):
     from cogni_mamba.checkpoint import load_checkpoint
     from cogni_mamba.inference import Engine
     from cogni_mamba.inference.precision import prepare_model, resolve_inference_dtype
+    from cogni_mamba.inference.threads import on_own_thread
 
     device = torch.device(args.device)
-    model, tokenizer = load_checkpoint(checkpoint, device)
-    prepare_model(model, resolve_inference_dtype(args.dtype, device), quantize="int8" if args.int8 else None,
-                  compile=args.compile)
-    if args.compile:
-        model.fast_decode.ready()
-    engine = Engine(model, max_batch=args.max_batch or max(args.clients), max_queue=max(64, 2 * max(args.clients)),
-                    bos_id=tokenizer.bos_id, threads=args.threads or "auto")
+
+    def load():  # on a short-lived thread, as `serve` does (inference/threads.py says why)
+        model, tokenizer = load_checkpoint(checkpoint, device)
+        prepare_model(model, resolve_inference_dtype(args.dtype, device), quantize="int8" if args.int8 else None,
+                      compile=args.compile)
+        if args.compile:
+            model.fast_decode.ready()
+        return Engine(model, max_batch=args.max_batch or max(args.clients), max_queue=max(64, 2 * max(args.clients)),
+                      bos_id=tokenizer.bos_id, threads=args.threads or "auto"), tokenizer
+
+    engine, tokenizer = on_own_thread(load)
     return engine.start(), tokenizer
 
 

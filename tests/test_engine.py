@@ -442,3 +442,32 @@ def test_eight_samples_run_their_prompt_through_the_model_once():
     assert calls[0] == (1, len(prompt))  # one row, the whole prompt
     assert calls[1:] == [(8, 1)] * 4  # then one token for each of the 8 rows per step (the first came from the prefill)
     assert outputs == [naive_greedy(model, prompt, 5)] * 8
+
+
+def test_on_own_thread_returns_the_result_raises_the_error_and_takes_its_openmp_threads_with_it():
+    import os
+    import threading
+
+    from cogni_mamba.inference.threads import on_own_thread
+
+    assert on_own_thread(lambda a, b=0: (a + b, threading.current_thread().name), 2, b=3) == (5, "cogni-load")
+    with pytest.raises(KeyError, match="gone"):
+        on_own_thread(lambda: {}["gone"])
+
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks) or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("counts the process's threads through /proc, with torch's OpenMP backend")
+    x = torch.randn(512, 2048)
+
+    def work() -> int:  # a multi-threaded operation makes this thread an OpenMP pool
+        torch.set_num_threads(2)
+        torch.nn.functional.silu(x)
+        return len(os.listdir(tasks))
+
+    before = len(os.listdir(tasks))
+    during = on_own_thread(work)
+    deadline = time.monotonic() + 2
+    while len(os.listdir(tasks)) > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert during >= before + 2  # the loading thread and at least one worker of its pool
+    assert len(os.listdir(tasks)) <= before  # both gone: no pool is left to slow the engine's thread

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
                          "install them with: pip install 'cogni-mamba[serve]'.") from None
     from ..device import resolve_device
     from ..inference.compiled_step import build_now
+    from ..inference.threads import on_own_thread
 
     if not 0 <= args.port <= 65535:
         raise CogniError(f"--port must be between 0 and 65535, got {args.port}.")
@@ -75,12 +76,17 @@ def run(args: argparse.Namespace) -> int:
               "the model.", file=sys.stderr)
     device = resolve_device(args.device)
     max_batch = args.max_batch or (8 if device.type == "cpu" else 32)
-    service = Service.from_checkpoint(args.checkpoint, device, name=args.model_name, dtype=args.dtype,
-                                      quantize="int8" if args.int8 else None, compile=args.compile, max_batch=max_batch,
-                                      queue_size=args.queue_size, threads=args.threads or "auto",
-                                      engine_process=args.engine == "process")
-    if service.model is not None:  # the engine process has built it already
-        build_now(service.model)
+
+    def load() -> Service:  # on a thread of its own, which takes its OpenMP pool with it (see inference/threads.py)
+        service = Service.from_checkpoint(args.checkpoint, device, name=args.model_name, dtype=args.dtype,
+                                          quantize="int8" if args.int8 else None, compile=args.compile,
+                                          max_batch=max_batch, queue_size=args.queue_size,
+                                          threads=args.threads or "auto", engine_process=args.engine == "process")
+        if service.model is not None:  # the engine process has built it already
+            build_now(service.model)
+        return service
+
+    service = on_own_thread(load)
     app = create_app(service, args.api_key)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving {service.name} (context {service.max_seq_len} tokens, {service.dtype}, batch up to {max_batch}) at "

@@ -37,6 +37,7 @@ from ..config import GenerationConfig
 from ..errors import CogniError
 from .precision import weights_label
 from .request import EngineStats, Request, checked_submission, ended_on_its_own, engine_busy
+from .threads import on_own_thread
 
 START_TIMEOUT = 600.0  # seconds the child may take to load the model (a cold start of a large checkpoint)
 
@@ -248,7 +249,7 @@ def child_main(commands, events, spec: EngineSpec) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        engine = _build_engine(spec)
+        engine = on_own_thread(_build_engine, spec)  # its OpenMP pool goes with that thread (see threads.py)
         info = {"dtype": weights_label(engine.model)}
     except CogniError as e:
         events.send(("failed", str(e)))
