@@ -389,7 +389,8 @@ def test_auto_threads_are_measured_on_the_engine_thread_and_the_tokens_do_not_ch
     engine = Engine(model, max_batch=3, threads="auto").start()
     try:
         got = list(engine.submit(list(b"threads"), greedy_settings(12)))
-        assert engine.stats().threads in (1, max(1, torch.get_num_threads() // 2), torch.get_num_threads())
+        n = max(1, torch.get_num_threads() - 1)  # the background engine leaves one core to the rest of the process
+        assert engine.stats().threads in (1, max(1, n // 2), n)
     finally:
         engine.stop()
     assert got == naive_greedy(model, list(b"threads"), 12)
@@ -471,3 +472,29 @@ def test_on_own_thread_returns_the_result_raises_the_error_and_takes_its_openmp_
         time.sleep(0.01)
     assert during >= before + 2  # the loading thread and at least one worker of its pool
     assert len(os.listdir(tasks)) <= before  # both gone: no pool is left to slow the engine's thread
+
+
+def test_auto_threads_leave_a_core_to_the_process_when_the_engine_runs_on_its_own_thread(monkeypatch):
+    from cogni_mamba.inference import threads
+
+    seen = []
+
+    def record(run_step, candidates):
+        seen.append(sorted(set(candidates)))
+        return 1
+
+    monkeypatch.setattr(threads, "choose_threads", record)
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)  # the count the engine's thread inherits from the one that starts it
+    try:
+        model = byte_model()
+        engine = Engine(model, max_batch=2, threads="auto").start()  # the server's way: a core stays for HTTP
+        try:
+            list(engine.submit(list(b"a"), greedy_settings(2)))
+        finally:
+            engine.stop()
+        inline = Engine(model, max_batch=2, threads="auto")  # stepped by its caller (chat): every core
+        list(inline.submit(list(b"a"), greedy_settings(2)))
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [[1, 3], [1, 2, 4]]

@@ -38,7 +38,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per operation of the engine's steps (default: the fastest of 1, half and all "
-                        "of torch's threads, timed at start-up)")
+                        "but one of torch's threads, timed at start-up; one core stays for the HTTP side)")
     p.add_argument("--engine", choices=("thread", "process"), default="thread",
                    help="where the model runs: thread (default: a background thread of the server's process) or "
                         "process (a child process of its own: generation and the HTTP side stop taking turns on one "

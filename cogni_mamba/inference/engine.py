@@ -151,7 +151,7 @@ class Engine:
         # The intra-op thread count is per thread in torch's OpenMP backend: the starting thread's, unless set.
         torch.set_num_threads(inherited)
         with self._step_lock:
-            self._use_threads()
+            self._use_threads(spare=1)  # a core for the rest of the process: a server's HTTP side
         self._after_step()  # once before any step: the thread count is known now
         while True:
             with self._cond:
@@ -170,14 +170,16 @@ class Engine:
                                completed_requests=self._completed, prefill_tokens=self._prefilled, steps=self._steps,
                                threads=self.threads)
 
-    def _use_threads(self) -> None:
-        """Set (with "auto": first measure) the intra-op thread count on the thread about to run steps (CPU)."""
+    def _use_threads(self, spare: int = 0) -> None:
+        """Set (with "auto": first measure, leaving `spare` of the thread's count to other work) the intra-op thread
+        count on the thread about to run steps (CPU)."""
         if self._threads_wanted is None or self._threads_on == threading.get_ident() or self.device.type != "cpu":
             return
         if self.threads is None:  # "auto": measured once, on an empty cache
             if self._rows:
                 return
-            self.threads = fastest_thread_count(self.model, self.cache, self.max_batch)
+            self.threads = fastest_thread_count(self.model, self.cache, self.max_batch,
+                                                available=max(1, torch.get_num_threads() - spare))
         torch.set_num_threads(self.threads)
         self._threads_on = threading.get_ident()
 

@@ -1,8 +1,8 @@
 """How many intra-op threads the engine's steps use on a CPU: measured once, on the thread that runs them.
 
-More threads are not always faster. A small model's matmuls are too small to split (nano's decode step
-on a 2-core CPU takes about twice as long on two threads), and a server's engine thread shares the cores
-with the HTTP event loop, so threads that spin-wait for each other lose twice. So the engine times its
+More threads are not always faster. A small model's operations are small, so splitting them gains little
+against the cost of waking threads, and a server's engine thread shares the cores with the HTTP event loop,
+so threads that spin-wait for each other lose twice. So the engine times its
 own step at each candidate count, alternating between them, and keeps the fastest (the fewest threads
 unless more are at least `MARGIN` faster).
 
@@ -13,7 +13,9 @@ parallel regions (about 100 spins, then sleep), so each of a step's many small o
 Measured on a 2-core machine (SiLU over 224 x 1536 floats on a second thread, two intra-op threads against
 one): 171-335 against 169-208 us while the main thread kept a pool from loading the model, 101-110 against
 177-201 us when it had none. So a server loads its model on a short-lived thread (`on_own_thread`: the pool
-goes with it) and the engine's thread is the only one left with a pool.
+goes with it) and the engine's thread is the only one left with a pool. An engine running on its own
+thread (`Engine.start()`, the server) leaves one core to the rest of its process: on 2 cores, with the HTTP
+server beside it, two intra-op threads were no faster (one client: 277-338 tokens/s, against 280-462 on one).
 """
 
 from __future__ import annotations
@@ -66,8 +68,9 @@ def choose_threads(run_step: Callable[[], None], candidates: Sequence[int]) -> i
 
 
 @torch.inference_mode()
-def fastest_thread_count(model, cache, rows: int) -> int:
-    """`choose_threads` for a one-token step of `rows` rows of an empty SlotCache (left empty again)."""
+def fastest_thread_count(model, cache, rows: int, *, available: int | None = None) -> int:
+    """`choose_threads` for a one-token step of `rows` rows of an empty SlotCache (left empty again), among
+    `thread_candidates(available)` (default: this thread's count)."""
     n = rows
     tokens = torch.zeros(n, 1, dtype=torch.long, device=cache.k.device)
 
@@ -77,7 +80,7 @@ def fastest_thread_count(model, cache, rows: int) -> int:
         model(tokens, cache=cache.view(0, n), last_only=True)
 
     try:
-        return choose_threads(step, thread_candidates(torch.get_num_threads()))
+        return choose_threads(step, thread_candidates(available or torch.get_num_threads()))
     finally:
         for i in range(n):
             cache.set_length(i, 0)

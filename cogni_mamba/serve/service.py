@@ -40,8 +40,8 @@ class Service:
             self.model = model.eval()
             self.max_seq_len = model.config.max_seq_len  # the model's context (prompt and reply together)
             self.dtype = weights_label(model)
-            # threads "auto": the engine's thread times its step at 1, half and all of torch's threads and keeps
-            # the fastest (beside the event loop, a small model often runs faster on one).
+            # threads "auto": the engine's thread times its step at 1, half and all but one of torch's threads (a
+            # core stays for the event loop) and keeps the fastest (a small model often runs faster on one).
             engine = Engine(model, max_batch=max_batch, max_queue=queue_size, bos_id=tokenizer.bos_id, threads=threads)
         else:
             self.model, self.max_seq_len, self.dtype = None, context, engine.info["dtype"]
