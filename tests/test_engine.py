@@ -242,7 +242,7 @@ def test_a_full_queue_raises_engine_busy():
     engine = Engine(byte_model(), max_batch=1, max_queue=1)
     first = engine.submit([65], greedy_settings(50))
     second = engine.submit([66], greedy_settings(5))
-    with pytest.raises(EngineBusy, match="busy"):
+    with pytest.raises(EngineBusy, match="its 1 generation slot and 1 queue place have no room"):
         engine.submit([67], greedy_settings(5))
     engine.step()
     assert (engine.stats().active, engine.stats().queued) == (1, 1)

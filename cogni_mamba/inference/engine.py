@@ -99,7 +99,7 @@ class Engine:
             queued = sum(len(g.live) for g in self._queue)
             free = self.max_batch - len(self._rows) - self._reserved
             if queued + n - free > self.max_queue:
-                raise engine_busy(len(self._rows), queued)
+                raise engine_busy(self.max_batch, self.max_queue, n)
             self._queue.append(_Group(requests, ids))
             self._cond.notify_all()
         return requests

@@ -158,7 +158,7 @@ class EngineProcess:
             if self._dead is not None:
                 raise CogniError(self._dead)
             if len(self._live) + n > self.max_batch + self.max_queue:
-                raise engine_busy(self._stats.active, self._stats.queued)
+                raise engine_busy(self.max_batch, self.max_queue, n)
             first, self._next_id = self._next_id, self._next_id + n
             requests = [RemoteRequest(self, first + i, ids, settings, stops, i) for i in range(n)]
             self._live.update((r.id, r) for r in requests)

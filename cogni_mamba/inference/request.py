@@ -118,9 +118,13 @@ def checked_submission(prompt: Sequence[int], settings: GenerationConfig | None,
     return ids, settings, frozenset(int(s) for s in stop_ids)
 
 
-def engine_busy(running: int, queued: int) -> EngineBusy:
-    return EngineBusy(f"The engine is busy: {running} generations are running and {queued} are queued (the limit); "
-                      "retry in a moment.")
+def engine_busy(max_batch: int, max_queue: int, n: int = 1) -> EngineBusy:
+    """Refused: unfinished requests would pass max_batch running + max_queue waiting (counts that add up, unlike a
+    snapshot of running and queued taken while requests are being admitted)."""
+    room = "no room" if n == 1 else f"no room for {n} more"
+    slots, places = ("slot" if max_batch == 1 else "slots"), ("place" if max_queue == 1 else "places")
+    return EngineBusy(f"The engine is busy: its {max_batch} generation {slots} and {max_queue} queue {places} have "
+                      f"{room}; retry in a moment.")
 
 
 def ended_on_its_own(request: Any, reason: str) -> bool:
