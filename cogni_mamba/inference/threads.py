@@ -2,9 +2,9 @@
 
 More threads are not always faster. A small model's operations are small, so splitting them gains little
 against the cost of waking threads, and a server's engine thread shares the cores with the HTTP event loop,
-so threads that spin-wait for each other lose twice. So the engine times its
-own step at each candidate count, alternating between them, and keeps the fastest (the fewest threads
-unless more are at least `MARGIN` faster).
+so threads that spin-wait for each other lose twice. So the engine times its own step at each candidate
+count, alternating between them, and keeps the fastest (the fewest threads unless more are at least
+`MARGIN` faster).
 
 Only one thread of a process should hold extra OpenMP threads. With torch's OpenMP backend (libgomp), every
 thread that has run a multi-threaded operation keeps a pool of worker threads for as long as it lives, and
