@@ -1,8 +1,29 @@
-"""The one exception type for mistakes a user can make (bad path, bad config, bad request).
+"""The one exception type for mistakes a user can make (bad path, bad config, bad request), and the telling line
+of a failed C++ build (a kernel or a compiled step), for the one sentence that reports it.
 
-The CLI prints its message as one sentence and exits non-zero, without a traceback.
+The CLI prints a CogniError's message as one sentence and exits non-zero, without a traceback.
 """
+
+import re
+
+# Lines of a build log that say what ran, not what went wrong.
+_COMMAND_LINES = ("c++ ", "g++ ", "cc ", "[", "FAILED:", "ninja:", "Command:", "Output:", "compilation terminated")
 
 
 class CogniError(Exception):
     """A user-facing error: the message says what was wrong and what to do."""
+
+
+def build_failure(error: BaseException) -> str:
+    """The telling line of a C++ build error (torch.utils.cpp_extension's or inductor's): the compiler's or
+    linker's complaint ("...: No space left on device"), not the command lines around it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if not lines[0].startswith("Error building extension") and "C++ compile error" not in lines[0]:
+        return lines[0][:200]  # e.g. "Ninja is required to load C++ extensions"
+    said = [line for line in lines[1:] if not line.startswith(_COMMAND_LINES)]
+    telling = [line for line in said if re.search(r"error|not found|no space|denied", line, re.IGNORECASE)]
+    detail = (telling or said or ["the compiler gave no reason"])[0]
+    detail = re.split(r"(?i)\berror:\s*", detail, maxsplit=1)[-1]  # "/tmp/cc1.s: Fatal error: x" -> "x"
+    return detail[:200]

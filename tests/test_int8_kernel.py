@@ -163,10 +163,17 @@ def test_with_it_an_int8_engine_row_does_not_depend_on_its_batch(built):
      "/bin/sh: 1: /opt/cc: not found\nninja: build stopped: subcommand failed.", "/bin/sh: 1: /opt/cc: not found"),
     ("Ninja is required to load C++ extensions (pip install ninja to get it)",
      "Ninja is required to load C++ extensions (pip install ninja to get it)"),
+    ("CppCompileError: C++ compile error\nCommand:\ng++ /tmp/t/header.hpp -O1 -o /tmp/t/header.hpp.gch\nOutput:\n"
+     "<built-in>: fatal error: when writing output to /tmp/t/header.i: No space left on device\ncompilation terminated.",
+     "when writing output to /tmp/t/header.i: No space left on device"),
+    ("CppCompileError: C++ compile error\nCommand:\ng++ /tmp/t/x.cpp\nOutput:\n", "the compiler gave no reason"),
 ])
 def test_a_build_failure_is_told_by_its_telling_line(text, said):
-    """Texts as torch.utils.cpp_extension raises them (a full disk, no compiler, no ninja), shortened."""
-    assert int8_kernel._what_failed(RuntimeError(text)) == said
+    """Texts as torch.utils.cpp_extension (a full disk, no compiler, no ninja) and inductor (the compiled step on a
+    full disk) raise them, shortened."""
+    from cogni_mamba.errors import build_failure
+
+    assert build_failure(RuntimeError(text)) == said
 
 
 def test_one_signed_rows_use_all_256_codes_of_their_range(built):

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import build_failure
+
 
 class StaticStep(nn.Module):
     """step(ids (1,), pos (1,), keys, values) -> (logits (1, V), or the final hidden state (1, dim) when the head
@@ -288,6 +290,5 @@ class CompiledDecoder:
         return torch._inductor.aoti_load_package(str(target))
 
     def _give_up(self, error: BaseException) -> None:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        self.failed = f"compiling the decode step failed ({first[:200]})"
+        self.failed = f"compiling the decode step failed ({build_failure(error)})"
         warnings.warn(f"{self.failed}; decoding runs the eager step.", stacklevel=3)

@@ -21,7 +21,6 @@ import contextlib
 import functools
 import logging
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ..device import cpu_flags
+from ..errors import build_failure
 
 SOURCE = Path(__file__).with_name("kernels") / "int8_linear.cpp"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
@@ -82,7 +82,7 @@ def why_unavailable() -> str | None:
         finally:
             log.setLevel(level)
     except Exception as error:  # no compiler, no ninja, a full disk, a failed build: all mean "use fbgemm"
-        return (f"building it failed ({_what_failed(error)}); it needs a C++ compiler, ninja (`pip install ninja`) "
+        return (f"building it failed ({build_failure(error)}); it needs a C++ compiler, ninja (`pip install ninja`) "
                 "and a few MB free under ~/.cache/torch_extensions")
     _register_shape_function()
     return None
@@ -97,20 +97,6 @@ def _register_shape_function() -> None:
 def _shape_only(x: torch.Tensor, packed: torch.Tensor, row_sums: torch.Tensor, scale: torch.Tensor,
                 out_features: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
-
-
-def _what_failed(error: Exception) -> str:
-    """The telling line of a build error: the compiler's or linker's complaint, not the command lines around it."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    if not lines[0].startswith("Error building extension"):  # e.g. "Ninja is required to load C++ extensions"
-        return lines[0][:200]
-    said = [line for line in lines[1:] if not line.startswith(("c++ ", "g++ ", "cc ", "[", "FAILED:", "ninja:"))]
-    telling = [line for line in said if re.search(r"error|not found|no space|denied", line, re.IGNORECASE)]
-    detail = (telling or said or ["the compiler gave no reason"])[0]
-    detail = re.split(r"(?i)\berror:\s*", detail, maxsplit=1)[-1]  # "/tmp/cc1.s: Fatal error: x" -> "x"
-    return detail[:200]
 
 
 def available() -> bool:
