@@ -13,7 +13,9 @@ one-token steps take the lean decode step (`inference/fast_step.py`; `--ours int
 like turn it off; `--ours int8-compiled` and the like run batch-1 steps as one compiled graph,
 `inference/compiled_step.py`, compiled during the warm-up, its time printed). int8 on an x86 CPU is an
 int8 x int8 product with fp32 elsewhere: our kernel where the CPU has AVX512-VNNI (`inference/int8_kernel.py`,
-each activation row quantized on its own), fbgemm's dynamic int8 product otherwise and for `int8-fbgemm`.
+each activation row quantized on its own), fbgemm's dynamic int8 product otherwise and for `int8-fbgemm`. bf16
+decode products run our bf16 kernel where the CPU has AVX512-BF16 (`inference/bf16_kernel.py`), oneDNN's
+otherwise and for `bf16-onednn`.
 
     .venv/bin/python benchmarks/decode_speed.py                       # nano and tiny, batch 1 and 8
     .venv/bin/python benchmarks/decode_speed.py --checkpoint runs/demo/run --presets nano
@@ -45,13 +47,15 @@ if str(REPO) not in sys.path:
 
 from cogni_mamba.config import Config, GenerationConfig, preset  # noqa: E402
 from cogni_mamba.generate import decode_n  # noqa: E402
+from cogni_mamba.inference.bf16_kernel import onednn_instead  # noqa: E402
 from cogni_mamba.inference.int8_kernel import fbgemm_instead  # noqa: E402
 from cogni_mamba.inference.precision import prepare_model  # noqa: E402
 from cogni_mamba.model import CogniMamba  # noqa: E402
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 OURS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (torch.bfloat16, "int8"),
-        "int8-fbgemm": (torch.bfloat16, "int8")}  # the same int8 weights on fbgemm's product, not our kernel
+        "int8-fbgemm": (torch.bfloat16, "int8"),  # the same int8 weights on fbgemm's product, not our kernel
+        "bf16-onednn": (torch.bfloat16, None)}  # bf16 on oneDNN's product, not our bf16 kernel
 # "-forward": the same weights with the lean decode step turned off (every step through the model's forward);
 # "-compiled": batch-1 steps through the compiled graph (`prepare_model(..., compile=True)`; others eager)
 VARIANTS = [*OURS, *(f"{name}-forward" for name in OURS), *(f"{name}-compiled" for name in OURS)]
@@ -61,7 +65,7 @@ def prepared(model: CogniMamba, variant: str) -> CogniMamba:
     """`model` as `prepare_model` makes it for one of VARIANTS."""
     name = variant.removesuffix("-forward").removesuffix("-compiled")
     dtype, quantize = OURS[name]
-    with fbgemm_instead(name == "int8-fbgemm"):
+    with fbgemm_instead(name == "int8-fbgemm"), onednn_instead(name == "bf16-onednn"):
         return prepare_model(model, dtype, quantize=quantize, fast_decode=not variant.endswith("-forward"),
                              compile=variant.endswith("-compiled"))
 GPT2_FILES = REPO.parent / "shared" / "data" / "gpt2"

@@ -36,12 +36,14 @@ from cogni_mamba.evaluate import (  # noqa: E402
     token_byte_lengths,
 )
 from cogni_mamba.generate import decode_n  # noqa: E402
+from cogni_mamba.inference.bf16_kernel import onednn_instead  # noqa: E402
 from cogni_mamba.inference.int8_kernel import fbgemm_instead  # noqa: E402
 from cogni_mamba.inference.precision import prepare_model  # noqa: E402
 
 VARIANTS = {"fp32": (torch.float32, None), "fp32-prepared": (torch.float32, None), "bf16": (torch.bfloat16, None),
             "int8": (torch.bfloat16, "int8"), "int8-compiled": (torch.bfloat16, "int8"),
-            "int8-fbgemm": (torch.bfloat16, "int8")}
+            "int8-fbgemm": (torch.bfloat16, "int8"), "bf16-onednn": (torch.bfloat16, None)}
+# bf16-onednn: bf16 decode products on oneDNN's product instead of our bf16 kernel (COGNI_MAMBA_BF16=onednn);
 # int8-compiled: one-row decode steps through the compiled graph (the eval loss, a full forward, is int8's);
 # int8-fbgemm: the same int8 weights on fbgemm's product instead of our kernel (COGNI_MAMBA_INT8=fbgemm)
 
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{'delta vs fp32':>14}")
     for name in ["fp32", *[v for v in args.variants if v != "fp32"]]:
         dtype, quantize = VARIANTS[name]
-        with fbgemm_instead(name == "int8-fbgemm"):
+        with fbgemm_instead(name == "int8-fbgemm"), onednn_instead(name == "bf16-onednn"):
             model = base if name == "fp32" else prepare_model(_copy(base), dtype, quantize=quantize,
                                                               compile=name.endswith("-compiled"))
         outputs = [greedy(model, prompt, args.tokens) for prompt in prompts]

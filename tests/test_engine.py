@@ -470,8 +470,8 @@ def test_on_own_thread_returns_the_result_raises_the_error_and_takes_its_openmp_
     deadline = time.monotonic() + 2
     while len(os.listdir(tasks)) > before and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert during >= before + 2  # the loading thread and at least one worker of its pool
-    assert len(os.listdir(tasks)) <= before  # both gone: no pool is left to slow the engine's thread
+    assert during >= before + 1  # the loading thread (and, unless libgomp reused an idle one, its pool's workers)
+    assert len(os.listdir(tasks)) <= before  # all gone: no pool is left to slow the engine's thread
 
 
 def test_auto_threads_leave_a_core_to_the_process_when_the_engine_runs_on_its_own_thread(monkeypatch):

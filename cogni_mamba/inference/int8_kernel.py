@@ -19,22 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
 from ..device import cpu_flags
-from ..errors import build_failure
+from .kernel_build import build, env_override, usable
 
-SOURCE = Path(__file__).with_name("kernels") / "int8_linear.cpp"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")
-COMPILE_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-fopenmp",
-                 "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"]
-# -fopenmp: ATen's parallel_for is inline OpenMP; the extension's libgomp.so.1 resolves to the one torch loaded
 
 
 def wanted() -> bool:
@@ -42,20 +35,10 @@ def wanted() -> bool:
     return os.environ.get("COGNI_MAMBA_INT8", "").strip().lower() != "fbgemm"
 
 
-@contextlib.contextmanager
-def fbgemm_instead(active: bool = True) -> Iterator[None]:
+def fbgemm_instead(active: bool = True) -> contextlib.AbstractContextManager[None]:
     """Within it (when `active`), int8 layers made take fbgemm's product, as under COGNI_MAMBA_INT8=fbgemm; the
     variable is restored after (benchmarks compare the two in one process)."""
-    before = os.environ.get("COGNI_MAMBA_INT8")
-    if active:
-        os.environ["COGNI_MAMBA_INT8"] = "fbgemm"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("COGNI_MAMBA_INT8", None)
-        else:
-            os.environ["COGNI_MAMBA_INT8"] = before
+    return env_override("COGNI_MAMBA_INT8", "fbgemm", active)
 
 
 def cpu_supports() -> bool:
@@ -68,22 +51,9 @@ def why_unavailable() -> str | None:
     """None when the kernel is built and loaded (building it the first time); else why not, in a phrase."""
     if not cpu_supports():
         return "this CPU has no AVX512-VNNI"
-    try:
-        from torch.utils import cpp_extension
-
-        log = logging.getLogger("torch.utils.cpp_extension")
-        level = log.level
-        log.setLevel(logging.ERROR)  # its notes about compilers: our one warning says what matters
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                cpp_extension.load("cogni_mamba_int8", [str(SOURCE)], extra_cflags=COMPILE_FLAGS,
-                                   extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
-        finally:
-            log.setLevel(level)
-    except Exception as error:  # no compiler, no ninja, a full disk, a failed build: all mean "use fbgemm"
-        return (f"building it failed ({build_failure(error)}); it needs a C++ compiler, ninja (`pip install ninja`) "
-                "and a few MB free under ~/.cache/torch_extensions")
+    failed = build("cogni_mamba_int8", "int8_linear.cpp", ["-mavx512vnni"])
+    if failed is not None:
+        return failed
     _register_shape_function()
     return None
 
@@ -102,12 +72,7 @@ def _shape_only(x: torch.Tensor, packed: torch.Tensor, row_sums: torch.Tensor, s
 def available() -> bool:
     """Whether int8 products run on this kernel (building it if needed); warns once when a CPU that could run it
     cannot (a CPU without VNNI falls back to fbgemm quietly: nothing to do about it)."""
-    if not wanted():
-        return False
-    reason = why_unavailable()
-    if reason is not None and cpu_supports():
-        _warn_once(reason)
-    return reason is None
+    return usable(wanted(), why_unavailable, cpu_supports, _warn_once)
 
 
 @functools.cache
