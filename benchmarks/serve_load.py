@@ -327,8 +327,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--engine-only", action="store_true", help="drive the Engine in this process, without HTTP")
-    p.add_argument("--engine", nargs="+", choices=("process", "thread"), default=["thread"],
-                   help="the server's --engine: thread (the default) or process (the model in a child process); "
+    p.add_argument("--engine", nargs="+", choices=("process", "thread"), default=["process"],
+                   help="the server's --engine: process (serve's default: the model in a child process) or thread; "
                         "with both, the two servers take turns, --rounds times each, and print side by side")
     p.add_argument("--stagger", action="store_true",
                    help="start a level's clients spread over one request's time instead of all at once (then the "
