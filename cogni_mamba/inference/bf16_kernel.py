@@ -28,12 +28,16 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 # Rows up to which a product takes this kernel; more take oneDNN's, faster there. One thread, ours against oneDNN
 # at 1 / 4 / 8 / 16 rows: 256 -> 1536 2.7x / 2.0x / 2.1x / 1.4x; 768 -> 2304 1.6x / 1.3x / 1.4x / 1.1x; a
 # 768 -> 50304 head 1.8x / 1.1x / 0.86x / 0.93x, so matrices of LARGE weights or more stop at LARGE_MAX_ROWS.
-MAX_ROWS, LARGE, LARGE_MAX_ROWS = 16, 2**24, 4
+# On CPUs with AMX, oneDNN's bf16 product runs on the matrix units: there (not measured yet) only products of up to
+# AMX_MAX_ROWS rows take ours, whose gain is the call overhead it saves.
+MAX_ROWS, LARGE, LARGE_MAX_ROWS, AMX_MAX_ROWS = 16, 2**24, 4, 4
 
 
 def max_rows(out_features: int, in_features: int) -> int:
     """The most rows for which a product of this shape takes the kernel."""
-    return LARGE_MAX_ROWS if out_features * in_features >= LARGE else MAX_ROWS
+    if out_features * in_features >= LARGE:
+        return LARGE_MAX_ROWS
+    return AMX_MAX_ROWS if "amx_bf16" in cpu_flags() else MAX_ROWS
 
 
 def wanted() -> bool:
