@@ -145,13 +145,11 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
             return F.linear(x, self.weight)
-        if self.ours is not None and x.numel() <= self.ours_rows * self.in_features:
-            rows = x.reshape(-1, self.in_features)
-            return bf16_kernel.linear(rows, self.ours, self.out_features).view(*x.shape[:-1], self.out_features)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return self.kernel()(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
     def kernel(self):
-        """The product for 2-D bf16 inputs as a plain function (the lean decode step calls it directly)."""
+        """The product for 2-D bf16 inputs as a plain function (the lean decode step calls it directly): ours up to
+        `ours_rows` rows where it runs, else oneDNN's."""
         packed, op = self.packed, torch.ops.mkldnn._linear_pointwise
         if self.ours is None:
             return lambda x: op(x, packed, None, "none", [], "")
