@@ -1,15 +1,15 @@
-"""The engine in a process of its own: `cogni-mamba serve --engine process`.
+"""The engine in a process of its own: `cogni-mamba serve` (its default, `--engine process`).
 
 In one process the server's event loop (HTTP, JSON, tokenizing, text) and the engine's scheduler share
 one interpreter lock: torch lets go of it inside its kernels, but the Python around them (and all of the
 event loop's work) takes turns. In a process of its own the engine never waits for the HTTP side, and a
-crash there (out of memory) leaves a server that answers 503 with a sentence. On a 2-core CPU with a
-nano model it measured the same as the thread (benchmarks/RESULTS.md: time goes to prefill compute, not
-to the lock), and costs ~250 MB and ~2 s of start-up, so the thread stays the default. `EngineProcess` starts an `Engine` in a spawned child
-process that loads the checkpoint itself, and offers the server the in-process engine's surface:
-`submit_samples` gives `RemoteRequest`s (take / on_update / cancel / iterate, finish_reason, error),
-`stats()`, `start()`, `stop()`, `max_batch`. The parent keeps the tokenizer and the text; the child
-sees token ids only.
+crash there (out of memory) leaves a server that answers 503 with a sentence. On a 2-core CPU with a nano
+model at 8 clients it gave 3.1-4.0x one client's tokens/s where the thread gave 2.7-3.8x (benchmarks/RESULTS.md),
+for ~250 MB more memory and ~2 s more start-up; `serve --engine thread` keeps the engine on a thread.
+`EngineProcess` starts an `Engine` in a spawned child process that loads the checkpoint itself, and offers the
+server the in-process engine's surface: `submit_samples` gives `RemoteRequest`s (take / on_update / cancel /
+iterate, finish_reason, error), `stats()`, `start()`, `stop()`, `max_batch`. The parent keeps the tokenizer and
+the text; the child sees token ids only.
 
 Two one-way pipes carry pickled tuples:
 

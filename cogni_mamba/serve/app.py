@@ -2,8 +2,8 @@
 
 A request's body is read up to MAX_BODY_BYTES (beyond: 413, before any parsing or tokenizing), validated
 (-> 400 with an OpenAI-style error body), then submitted to the service's continuous-batching engine as
-one Job (jobs.py; `n` choices share one prefill): up to `max_batch` generations share each model step on
-one background thread, `queue_size` more wait first come, first served, and beyond that the answer is 429.
+one Job (jobs.py; `n` choices share one prefill): up to `max_batch` generations share each model step (in the
+engine's own process, or on its thread), `queue_size` more wait first come, first served, beyond that: 429.
 The engine hands token ids to the event loop, where they become text (stop strings held back). A streamed
 reply is sent as server-sent events in OpenAI's chunk format, ending `data: [DONE]`. When the client goes
 away its generation is cancelled and its slots freed at the next step.
@@ -178,7 +178,7 @@ def create_app(service_or_checkpoint: Service | str | Path, api_key: str | None 
     app.state.server = state
     add_error_handlers(app)
 
-    def check_key(request: Request) -> None:
+    async def check_key(request: Request) -> None:  # async: FastAPI would run a plain def on a worker thread
         if state.api_key is None:
             return
         header = request.headers.get("authorization", "")

@@ -2,8 +2,9 @@
 
 The server is stateless: every request carries its whole conversation, rendered with the tokenizer's
 chat template (chat) or prefixed with BOS (completions). Every request runs in one continuous-batching
-engine (`max_batch` rows, a bounded first-come queue): an `Engine` on a background thread of this process
-(the default), or an `EngineProcess`, the model in a child process of its own (`serve --engine process`).
+engine (`max_batch` rows, a bounded first-come queue): an `EngineProcess`, the model in a child process of its
+own (`serve`'s default), or an `Engine` on a background thread of this process (`serve --engine thread`, and
+`Service(model, ...)`).
 Nothing here knows HTTP.
 """
 
