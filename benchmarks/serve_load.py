@@ -8,6 +8,8 @@ after the first), and the ratios to one client, printed side by side. The accept
 (8 clients: >= 3x one client's tokens/s, p50 time to first token <= 2x one client's) is printed at the
 end when both levels ran. The clients start together (their same-length requests then arrive in bursts
 of `clients` at once) or, with --stagger, spread over one request's time (as independent users' would).
+Also per level (Linux): CPU milliseconds per request of the server (all its processes; "engine": its child
+processes, the engine process) and of this load generator, which shares the machine's cores with the server.
 
 HTTP (default): `cogni-mamba serve --engine E` on 127.0.0.1 and a free port (loopback only), streamed chat
 completions read by one asyncio event loop (a light client); tokens are counted from the server's `usage`
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import inspect
 import json
 import os
@@ -171,9 +174,45 @@ class EngineDriver:
 
 # --- one level -----------------------------------------------------------------------------------
 
-def run_level(driver, clients: int, per_client: int, seconds: float, stagger: float = 0.0) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc; nan elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_of(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc; none elsewhere)."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*/stat") if Path("/proc").is_dir() else ():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(entry.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.parent.name))
+    return found
+
+
+class CpuMeter:
+    """CPU seconds so far of the server (its process and children; None: no server process) and this process."""
+
+    def __init__(self, server_pid: int | None = None):
+        self.server_pid = server_pid
+        self.children = children_of(server_pid) if server_pid else []
+
+    def read(self) -> dict[str, float]:
+        if self.server_pid is None:
+            return {"client": time.process_time()}
+        engine = sum(cpu_seconds(p) for p in self.children)
+        return {"server": cpu_seconds(self.server_pid) + engine, "engine": engine, "client": time.process_time()}
+
+
+def run_level(driver, clients: int, per_client: int, seconds: float, stagger: float = 0.0,
+              meter: CpuMeter | None = None) -> dict:
     """`clients` threads sending requests back to back: per_client each, or until `seconds` have passed.
     With `stagger`, client i sends its first request i * stagger seconds after the level starts."""
+    meter = meter or CpuMeter()
+    cpu_before = meter.read()
     results: list[Result] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -217,6 +256,7 @@ def run_level(driver, clients: int, per_client: int, seconds: float, stagger: fl
         for t in threads:
             t.join()
     wall = time.perf_counter() - start
+    cpu = {k: (v - cpu_before[k]) / max(1, len(results)) for k, v in meter.read().items()}  # seconds per request
     # Per request: the time from its first to its last piece over the tokens after the first (a streamed chunk
     # may carry several tokens when the server's event loop is behind, so gaps between chunks are not per token).
     itls = [(r.arrivals[-1] - r.arrivals[0]) / (r.tokens - 1) for r in results if r.tokens > 1 and r.arrivals]
@@ -225,7 +265,8 @@ def run_level(driver, clients: int, per_client: int, seconds: float, stagger: fl
             "tokens": sum(r.tokens for r in results), "tok_s": sum(r.tokens for r in results) / wall,
             "ttft_p50": percentile(ttfts, 50), "ttft_p95": percentile(ttfts, 95),
             "itl_p50": statistics.median(itls) if itls else float("nan"),
-            "request_seconds": statistics.median(r.total for r in results) if results else float("nan")}
+            "request_seconds": statistics.median(r.total for r in results) if results else float("nan"),
+            "cpu": cpu}
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -239,10 +280,16 @@ def percentile(sorted_values: list[float], q: float) -> float:
 def print_table(rows: list[dict], markdown: bool) -> None:
     base = rows[0]
     head = ["clients", "requests", "seconds", "tokens/s", "x1 tokens/s", "TTFT p50", "TTFT p95", "x1 TTFT p50",
-            "ITL p50"]
+            "ITL p50", "CPU/req"]
+
+    def cpu(r: dict) -> str:  # milliseconds per request: server (of it, the engine process) + load generator
+        c = {k: v * 1e3 for k, v in r["cpu"].items()}
+        server = f"{c['server']:.1f}" + (f" ({c['engine']:.1f})" if c.get("engine") else "") + " + " if "server" in c else ""
+        return f"{server}{c['client']:.1f} ms"
+
     lines = [[str(r["clients"]), str(r["requests"]), f"{r['seconds']:.1f}", f"{r['tok_s']:,.0f}",
               f"{r['tok_s'] / base['tok_s']:.2f}x", f"{r['ttft_p50'] * 1e3:.0f} ms", f"{r['ttft_p95'] * 1e3:.0f} ms",
-              f"{r['ttft_p50'] / base['ttft_p50']:.2f}x", f"{r['itl_p50'] * 1e3:.1f} ms"] for r in rows]
+              f"{r['ttft_p50'] / base['ttft_p50']:.2f}x", f"{r['itl_p50'] * 1e3:.1f} ms", cpu(r)] for r in rows]
     if markdown:
         print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
         for line in lines:
@@ -251,6 +298,11 @@ def print_table(rows: list[dict], markdown: bool) -> None:
         print(" ".join(f"{h:>11}" for h in head))
         for line in lines:
             print(" ".join(f"{c:>11}" for c in line))
+    if "server" in rows[0]["cpu"]:
+        print("CPU/req: CPU milliseconds per request of the server (in brackets: its engine process) + this load "
+              "generator")
+    else:
+        print("CPU/req: CPU milliseconds per request of this process (the engine and its clients)")
     for r in rows:
         if r["errors"]:
             print(f"{r['clients']} clients: {len(r['errors'])} failed request(s), e.g. {r['errors'][0]}")
@@ -293,14 +345,14 @@ def build_engine(args, checkpoint: Path):
     return engine.start(), tokenizer
 
 
-def measure(driver, args) -> list[dict]:
+def measure(driver, args, meter: CpuMeter | None = None) -> list[dict]:
     """The levels in turn. With --stagger, each level's clients start one request's time (at one client) apart
     in all, so their requests arrive spread out as independent users' do, not all in one burst."""
     warm = run_level(driver, 1, 2, 30)  # warm-up: first-call allocations
     rows = []
     for c in args.clients:
         stagger = warm["request_seconds"] / c if args.stagger else 0.0
-        rows.append(run_level(driver, c, args.requests_per_client, args.seconds, stagger))
+        rows.append(run_level(driver, c, args.requests_per_client, args.seconds, stagger, meter))
     return rows
 
 
@@ -313,7 +365,9 @@ def measure_server(args, checkpoint: Path, engine: str, log_dir: Path) -> tuple[
              *(["--int8"] if args.int8 else []), *(["--compile"] if args.compile else [])]
     server = LiveServer(checkpoint, *extra, device=args.device, threads=args.threads, log_dir=log_dir)
     try:
-        return measure(HttpDriver(server.url, args.max_tokens, args.temperature), args), server.health().get("threads")
+        meter = CpuMeter(server.proc.pid)
+        return (measure(HttpDriver(server.url, args.max_tokens, args.temperature), args, meter),
+                server.health().get("threads"))
     finally:
         server.stop()
 

@@ -40,6 +40,23 @@ def test_clients_parse_spaces_and_commas():
         serve_load.parse_clients(["0"])
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="CPU accounting reads Linux's /proc")
+def test_cpu_accounting_reads_a_child_process_own_count():
+    """serve_load's /proc reading of a child's CPU time against the child's own clock (time.process_time)."""
+    import subprocess
+
+    burn = ("import sys, time\nwhile time.process_time() < 0.3: pass\n"
+            "print(time.process_time(), flush=True)\nsys.stdin.readline()")
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        own = float(child.stdout.readline())
+        assert child.pid in serve_load.children_of(os.getpid())
+        assert serve_load.cpu_seconds(child.pid) == pytest.approx(own, abs=0.05)  # the kernel counts in 10 ms ticks
+    finally:
+        child.communicate("\n")
+    assert math.isnan(serve_load.cpu_seconds(child.pid))  # gone: no count, not a stale one
+
+
 def test_serve_load_quick_through_the_engine(capsys):
     serve_load.main(["--quick"])
     out = capsys.readouterr().out
@@ -63,8 +80,10 @@ def test_the_http_client_reads_every_token_of_a_streamed_reply(tmp_path):
         result = asyncio.run(driver(0, 1))
         assert result.tokens == 12 and 1 <= len(result.arrivals) <= 12
         assert result.arrivals == sorted(result.arrivals) and 0 < result.ttft <= result.total
-        level = serve_load.run_level(driver, 2, 1, 60, stagger=0.2)
+        level = serve_load.run_level(driver, 2, 1, 60, stagger=0.2, meter=serve_load.CpuMeter(server.proc.pid))
     assert level["requests"] == 2 and level["tokens"] == 24 and not level["errors"]
+    assert set(level["cpu"]) == {"server", "engine", "client"}  # the engine process counted with the server
+    assert level["cpu"]["server"] >= level["cpu"]["engine"] >= 0
     assert level["seconds"] >= 0.2  # the second client waited its turn
 
 
