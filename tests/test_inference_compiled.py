@@ -12,7 +12,7 @@ import torch
 from cogni_mamba import CogniMamba, ModelConfig
 from cogni_mamba.config import GenerationConfig
 from cogni_mamba.generate import decode_n
-from cogni_mamba.inference import compiled_step, int8_kernel
+from cogni_mamba.inference import bf16_kernel, compiled_step, int8_kernel
 from cogni_mamba.inference.compiled_step import CompiledDecoder
 from cogni_mamba.inference.precision import prepare_model
 
@@ -62,19 +62,25 @@ def _package_cache(tmp_path_factory, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype, quantize, rel_tol, product", [(torch.float32, None, 1e-3, None),
+                                                               (torch.bfloat16, None, 0.05, "ours"),
+                                                               (torch.bfloat16, None, 0.05, "onednn"),
                                                                (torch.bfloat16, "int8", 0.1, "ours"),
                                                                (torch.bfloat16, "int8", 0.1, "fbgemm")])
 def test_compiled_step_follows_the_fp32_forward(trained, dtype, quantize, rel_tol, product, monkeypatch):
-    """int8: the graph calls our kernel ("ours", where the CPU has AVX512-VNNI) or, on fbgemm machines
-    (COGNI_MAMBA_INT8=fbgemm here), runs the weight-only product on bf16 activations."""
+    """bf16: the graph calls our bf16 kernel ("ours", where the CPU has AVX512-BF16) or oneDNN's product
+    (COGNI_MAMBA_BF16=onednn). int8: our int8 kernel ("ours", where the CPU has AVX512-VNNI) or, on fbgemm
+    machines (COGNI_MAMBA_INT8=fbgemm here), the weight-only product on bf16 activations."""
     if compiled_step.compile_unavailable(torch.device("cpu")):
         pytest.skip(compiled_step.compile_unavailable(torch.device("cpu")))
-    if product == "ours" and not int8_kernel.available():
-        pytest.skip(f"our int8 kernel does not run here: {int8_kernel.why_unavailable()}")
+    kernel = int8_kernel if quantize == "int8" else bf16_kernel
+    if product == "ours" and not kernel.available():
+        pytest.skip(f"our {dtype if quantize is None else quantize} kernel does not run here: {kernel.why_unavailable()}")
     monkeypatch.setenv("COGNI_MAMBA_INT8", "fbgemm" if product == "fbgemm" else "")
+    monkeypatch.setenv("COGNI_MAMBA_BF16", "onednn" if product == "onednn" else "")
     model = prepare_model(_copy(trained), dtype, quantize=quantize, compile=True)
     assert isinstance(model.fast_decode, CompiledDecoder)
-    assert model.fast_decode.step.vnni == (product == "ours")
+    assert model.fast_decode.step.vnni == (quantize == "int8" and product == "ours")
+    assert model.fast_decode.step.ours == (quantize is None and product == "ours")
     prompt = PATTERN[3:8]
     ids = torch.tensor([prompt + PATTERN[8:12] + PATTERN[:4]])  # 13 tokens: 5 prefilled, 8 decoded one by one
     with torch.inference_mode():

@@ -16,8 +16,9 @@ function of tensors, so one graph serves every position:
 Weights: with int8 (`prepare_model(..., quantize="int8")`) the graph calls the product the eager layers
 run, our kernel (`int8_kernel.py`, a custom op the compiled code reaches through torch's dispatcher) on
 fp32 activations, where the CPU has AVX512-VNNI; elsewhere it multiplies bf16 activations by the same int8
-rows and per-row scales (`torch._weight_int8pack_mm`, weight-only: no activation quantization). Otherwise
-plain products in the model's dtype, with inductor's freezing (bf16 weights packed once for oneDNN).
+rows and per-row scales (`torch._weight_int8pack_mm`, weight-only: no activation quantization). bf16 weights
+take our bf16 kernel (`bf16_kernel.py`, the eager step's one-row product) where the CPU has AVX512-BF16.
+Otherwise plain products in the model's dtype, with inductor's freezing (bf16 weights packed once for oneDNN).
 
 `CompiledDecoder` wraps the model's `FastDecoder`: batch-1 steps on row 0 of a cache go through the
 graph, every other step through the eager lean step. The graph is compiled ahead of time (AOTInductor:
@@ -66,6 +67,8 @@ class StaticStep(nn.Module):
         # int8 on our kernel (int8_kernel.py; the layers hold its packed weights): the graph calls it on fp32
         # activations; other int8 layers run the weight-only product on bf16 activations
         self.vnni = self.int8 and all(getattr(linear, "vnni", None) is not None for linear in linears.values())
+        # bf16 on our kernel (bf16_kernel.py; PackedLinear holds its packed weights): one row, so every product
+        self.ours = not self.int8 and all(getattr(linear, "ours", None) is not None for linear in linears.values())
         self.dtype = decoder.dtype  # the activations'
         if self.int8:
             self.dtype = torch.float32 if self.vnni else torch.bfloat16
@@ -77,6 +80,8 @@ class StaticStep(nn.Module):
             elif self.int8:
                 self.register_buffer(name + "_w", linear.weight, persistent=False)
                 self.register_buffer(name + "_scale", linear.scale.to(self.dtype), persistent=False)
+            elif self.ours:
+                self.register_buffer(name + "_ours", linear.ours, persistent=False)
             else:
                 self.register_buffer(name + "_w", linear.weight.detach(), persistent=False)
         self.exact = decoder.exact  # fp32 without int8: the norms' weights are not folded into the products
@@ -98,6 +103,8 @@ class StaticStep(nn.Module):
                                                      getattr(self, name + "_scale"), self.out_features[name])
         if self.int8:
             return torch._weight_int8pack_mm(x, getattr(self, name + "_w"), getattr(self, name + "_scale"))
+        if self.ours:
+            return torch.ops.cogni_mamba_bf16.bf16_linear(x, getattr(self, name + "_ours"), self.out_features[name])
         return F.linear(x, getattr(self, name + "_w"))
 
     def _norm(self, x: torch.Tensor, layer: int, which: str) -> torch.Tensor:
@@ -164,15 +171,15 @@ def package_dir() -> Path:
 
 def package_key(step: StaticStep) -> str:
     """A digest of everything the compiled code depends on: torch, this file, the shapes and the weights."""
-    digest = hashlib.sha256(f"{torch.__version__}|{STEP_VERSION}|{step.int8}|{step.vnni}|{step.head}|{step.exact}|"
-                            f"{step.dtype}|{step.H}|{step.Hkv}|{step.D}|{step.ffn_dim}|{step.n_layers}".encode())
+    digest = hashlib.sha256(f"{torch.__version__}|{STEP_VERSION}|{step.int8}|{step.vnni}|{step.ours}|{step.head}|"
+                            f"{step.exact}|{step.dtype}|{step.H}|{step.Hkv}|{step.D}|{step.ffn_dim}|{step.n_layers}".encode())
     for name, buffer in sorted(step.named_buffers()):
         digest.update(f"{name}{tuple(buffer.shape)}{buffer.dtype}".encode())
         digest.update(buffer.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:24]
 
 
-STEP_VERSION = 2  # raise it when StaticStep's computation changes: old packages are then not reused
+STEP_VERSION = 3  # raise it when StaticStep's computation changes: old packages are then not reused
 
 
 class CompiledDecoder:
