@@ -10,7 +10,7 @@ round differently, so they may drift apart).
 llama-cpp-python's high-level API decodes one sequence, so llama.cpp runs at batch 1 only.
 Ours is the model as `prepare_model` makes it for inference (every precision, fp32 included), whose
 one-token steps take the lean decode step (`inference/fast_step.py`; `--ours int8-forward` and the
-like turn it off; `--ours int8-compiled` and the like run batch-1 steps as one compiled graph,
+like turn it off; `--ours int8-compiled` and the like run the steps (up to 16 rows) as one compiled graph,
 `inference/compiled_step.py`, compiled during the warm-up, its time printed). int8 on an x86 CPU is an
 int8 x int8 product with fp32 elsewhere: our kernel where the CPU has AVX512-VNNI (`inference/int8_kernel.py`,
 each activation row quantized on its own), fbgemm's dynamic int8 product otherwise and for `int8-fbgemm`. bf16
@@ -57,7 +57,7 @@ OURS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None), "int8": (
         "int8-fbgemm": (torch.bfloat16, "int8"),  # the same int8 weights on fbgemm's product, not our kernel
         "bf16-onednn": (torch.bfloat16, None)}  # bf16 on oneDNN's product, not our bf16 kernel
 # "-forward": the same weights with the lean decode step turned off (every step through the model's forward);
-# "-compiled": batch-1 steps through the compiled graph (`prepare_model(..., compile=True)`; others eager)
+# "-compiled": steps of up to 16 rows through the compiled graph (`prepare_model(..., compile=True)`)
 VARIANTS = [*OURS, *(f"{name}-forward" for name in OURS), *(f"{name}-compiled" for name in OURS)]
 
 
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
                    help="cpu: the process's CPU time, steady on a shared machine with one thread (default); wall")
     p.add_argument("--ours", nargs="+", choices=VARIANTS, default=list(OURS),
                    help="our variants (default fp32 bf16 int8); NAME-forward runs NAME without the lean decode step, "
-                        "NAME-compiled with the compiled batch-1 step")
+                        "NAME-compiled with the compiled step")
     p.add_argument("--llama", nargs="*", choices=["f32", "f16", "q8_0"], default=["f32", "f16", "q8_0"])
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--markdown", action="store_true", help="print the tables as markdown")

@@ -203,7 +203,8 @@ def decode_n(model, prompts: Sequence[Sequence[int]], settings: GenerationConfig
     B, T = ids.shape
     if generator is None:
         generator = make_generator(settings.seed, device)
-    cache = model.new_cache(B, min(max_seq_len, T + settings.max_new_tokens), pad=pad)
+    padded = pad if bool(pad.any()) else None  # rows of one length need no padding mask (and may take a compiled step)
+    cache = model.new_cache(B, min(max_seq_len, T + settings.max_new_tokens), pad=padded)
     stops = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=device)
     seen = None
     if settings.repetition_penalty != 1.0:

@@ -12,7 +12,7 @@ import torch
 from cogni_mamba import CogniMamba, ModelConfig
 from cogni_mamba.config import GenerationConfig
 from cogni_mamba.generate import decode_n
-from cogni_mamba.inference import bf16_kernel, compiled_step, int8_kernel
+from cogni_mamba.inference import Engine, bf16_kernel, compiled_step, int8_kernel
 from cogni_mamba.inference.compiled_step import CompiledDecoder
 from cogni_mamba.inference.precision import prepare_model
 
@@ -96,6 +96,18 @@ def test_compiled_step_follows_the_fp32_forward(trained, dtype, quantize, rel_to
         expected = naive_greedy(trained, prompt, 20)
     assert _greedy(model, prompt, 20) == expected  # greedy by full fp32 recomputation (another cache shape)
     assert len(set(expected)) > 5  # the trained-like model continues the pattern, not one token
+    prompts = [PATTERN[:5], PATTERN[2:4], PATTERN[4:12]]  # rows of different lengths in one graph call
+    engine = Engine(model, max_batch=4)
+    with torch.inference_mode():
+        requests = [engine.submit(p, GenerationConfig(temperature=0.0, top_k=None, top_p=None, max_new_tokens=12))
+                    for p in prompts]
+        assert [list(r) for r in requests] == [naive_greedy(trained, p, 12) for p in prompts]
+        same_length = [PATTERN[:4], PATTERN[5:9]]  # the static loop's batch: a KVCache with no padding, 2 rows
+        per_row = [naive_greedy(trained, p, 10) for p in same_length]
+    steps = list(decode_n(model, same_length, GenerationConfig(temperature=0.0, top_k=None, top_p=None,
+                                                                max_new_tokens=10)))
+    assert [[step[b] for step in steps] for b in range(2)] == per_row
+    assert model.fast_decode.failed is None
     again = prepare_model(_copy(trained), dtype, quantize=quantize, compile=True)  # a later start: loads the package
     assert _greedy(again, prompt, 20) == expected and again.fast_decode.loaded is True
     assert again.fast_decode.compile_seconds < 5
@@ -109,38 +121,41 @@ def test_package_key_follows_the_weights(trained):
     assert compiled_step.package_key(a) != compiled_step.package_key(b)
 
 
-def test_several_rows_take_the_eager_step(trained, monkeypatch):
+def test_the_engine_decodes_rows_of_different_lengths_through_it(trained):
+    """The engine's decoding block (3 rows, then fewer as they finish) goes through the step's graph (run uncompiled
+    here: the same StaticStep); each row's greedy tokens equal full fp32 recomputation of its own prompt."""
     model = prepare_model(_copy(trained), torch.float32, compile=True)
-    monkeypatch.setattr(CompiledDecoder, "_row0", lambda self, ids, cache: False)  # as for a batch of 2
-    eager = prepare_model(_copy(trained), torch.float32)
-    prompts = [PATTERN[:4], PATTERN[2:7]]
-    settings = GenerationConfig(temperature=0.0, top_k=None, top_p=None, max_new_tokens=6)
-    assert list(decode_n(model, prompts, settings)) == list(decode_n(eager, prompts, settings))
-    assert model.fast_decode.runner is None
-
-
-def test_the_engine_decodes_one_row_through_it_and_prefills_through_the_eager_step(trained):
-    from cogni_mamba.inference import Engine
-
-    model = prepare_model(_copy(trained), torch.float32, compile=True)
-    assert model.fast_decode.exact is True and model.fast_decode.prefill == model.fast_decode.eager.prefill
-    calls = []
-    model.fast_decode.runner = lambda *inputs: calls.append(1) or model.fast_decode.step(*inputs)  # uncompiled
-    engine = Engine(model, max_batch=2)
-    settings = GenerationConfig(temperature=0.0, top_k=None, top_p=None, max_new_tokens=8)
+    batches = []
+    model.fast_decode.runner = lambda ids, *rest: batches.append(ids.shape[0]) or model.fast_decode.step(ids, *rest)
+    engine = Engine(model, max_batch=4)
+    prompts, lengths = [PATTERN[:5], PATTERN[2:4], PATTERN[4:12]], [8, 12, 5]
     with torch.inference_mode():
-        expected = naive_greedy(trained, PATTERN[:5], 8)
-        assert list(engine.submit(PATTERN[:5], settings)) == expected
-    assert len(calls) == 7  # every one-row step after the first token (which the prefill gives)
+        requests = [engine.submit(p, GenerationConfig(temperature=0.0, top_k=None, top_p=None, max_new_tokens=n))
+                    for p, n in zip(prompts, lengths, strict=True)]
+        got = [list(r) for r in requests]
+        expected = [naive_greedy(trained, p, n) for p, n in zip(prompts, lengths, strict=True)]
+    assert got == expected
+    assert max(batches) == 3 and min(batches) == 1 and sum(batches) == sum(n - 1 for n in lengths)
 
 
-def test_row0_only_at_batch_one(trained):
+def test_which_steps_take_the_graph(trained):
     decoder = prepare_model(_copy(trained), torch.float32, compile=True).fast_decode
     if decoder.failed:
         pytest.skip(decoder.failed)
-    one, two = torch.zeros(1, 1, dtype=torch.long), torch.zeros(2, 1, dtype=torch.long)
-    assert decoder._row0(one, decoder.model.new_cache(1, 8))
-    assert not decoder._row0(two, decoder.model.new_cache(2, 8))
+    from cogni_mamba.inference.cache import SlotCache
+
+    def ids(rows: int) -> torch.Tensor:
+        return torch.zeros(rows, 1, dtype=torch.long)
+
+    slots = SlotCache(decoder.model.config, 20, 16)
+    assert decoder._takes(ids(1), decoder.model.new_cache(1, 8))
+    assert decoder._takes(ids(2), decoder.model.new_cache(2, 8))
+    assert decoder._takes(ids(3), slots.view(0, 3))
+    assert decoder._takes(ids(16), slots.view(0, 16))
+    assert not decoder._takes(ids(17), slots.view(0, 17))  # more than MAX_ROWS: eager
+    assert not decoder._takes(ids(2), slots.view(1, 3))  # not from row 0
+    padded = decoder.model.new_cache(2, 8, pad=torch.tensor([0, 1]))
+    assert not decoder._takes(ids(2), padded)
 
 
 def test_without_a_compiler_it_decodes_eagerly_with_one_sentence(trained, monkeypatch):

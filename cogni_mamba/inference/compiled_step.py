@@ -1,15 +1,16 @@
-"""A compiled one-token decode step for batch 1 (CPU): the lean step as one static-shape graph.
+"""A compiled one-token decode step for up to 16 rows (CPU): the lean step as one graph.
 
 At nano size the eager step is op-overhead bound (~150 op calls of a few microseconds each, and
 fbgemm's int8 product costs ~20 us a call); a graph that inductor compiles to C++
 (no Python between the kernels) removes that overhead. The step is written as a pure
 function of tensors, so one graph serves every position:
 
-- inputs: the token (1,), its position (1,), and the whole KV cache's keys and values
-  (n_layers, rows, n_kv_heads, S, head_dim), read only; row 0 is the one decoded;
-- attention runs over all S slots of the row with a mask (slot < position) plus the new key, in fp32;
-  the new keys and values come out of the graph and are written in two ops after it (a write into the
-  cache inside the graph made inductor copy the whole cache input once per layer);
+- inputs: one token per row (B,), each row's position (B,), and the KV cache's keys and values for rows
+  0..B-1, (n_layers, B, n_kv_heads, S, head_dim), read only (S: the slots any row has filled, rounded up
+  to 32; copied out of a cache that holds more, since the graph reads contiguous tensors);
+- each row attends to its own slots before its position (a mask) plus its new key, in fp32; the new keys
+  and values come out of the graph and are written in two ops after it (a write into the cache inside the
+  graph made inductor copy the whole cache input once per layer);
 - the rest is `FastDecoder`'s step: fused q/k/v and gate/up, the norms' weights folded into them
   (norm eps dropped), rotary from tables.
 
@@ -17,15 +18,16 @@ Weights: with int8 (`prepare_model(..., quantize="int8")`) the graph calls the p
 run, our kernel (`int8_kernel.py`, a custom op the compiled code reaches through torch's dispatcher) on
 fp32 activations, where the CPU has AVX512-VNNI; elsewhere it multiplies bf16 activations by the same int8
 rows and per-row scales (`torch._weight_int8pack_mm`, weight-only: no activation quantization). bf16 weights
-take our bf16 kernel (`bf16_kernel.py`, the eager step's one-row product) where the CPU has AVX512-BF16.
+take our bf16 kernel (`bf16_kernel.py`, the eager step's product) where the CPU has AVX512-BF16.
 Otherwise plain products in the model's dtype, with inductor's freezing (bf16 weights packed once for oneDNN).
 
-`CompiledDecoder` wraps the model's `FastDecoder`: batch-1 steps on row 0 of a cache go through the
-graph, every other step through the eager lean step. The graph is compiled ahead of time (AOTInductor:
-exported with the cache's rows and slots as dynamic sizes, so one package serves every cache) at the
-first such step and kept on disk under a digest of the weights, so a later process loads it in
-milliseconds; AOTInductor's runner also skips torch.compile's per-call guards (0.44 against 0.58 ms a
-nano step).
+`CompiledDecoder` wraps the model's `FastDecoder`: steps of up to MAX_ROWS rows from row 0 of a cache (a
+lone generation, or the engine's whole decoding block) go through the graph, every other step through the
+eager lean step. The graph is compiled ahead of time (AOTInductor: exported with the rows and slots as
+dynamic sizes, so one package serves every batch and cache) at the first such step and kept on disk under a
+digest of the weights, so a later process loads it in milliseconds; AOTInductor's runner also skips
+torch.compile's per-call guards (0.44 against 0.58 ms a nano step). Nano bf16, one thread: 2.1x the eager
+step at 1 row, 1.8-2.3x at 4 and 8 rows of different lengths (benchmarks/RESULTS.md, session 7).
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ from ..errors import build_failure
 
 
 class StaticStep(nn.Module):
-    """step(ids (1,), pos (1,), keys, values) -> (logits (1, V), or the final hidden state (1, dim) when the head
-    runs outside (`head=False`); the new keys and values (L, Hkv, D) for row 0's slot `pos`). keys/values are
-    the cache's (L, R, Hkv, S, D); row 0's slots before `pos` are attended to, none is written."""
+    """step(ids (B,), pos (B,), keys, values) -> (logits (B, V), or the final hidden states (B, dim) when the head
+    runs outside (`head=False`); the new keys and values (L, B, Hkv, D) for each row's slot `pos[b]`).
+    keys/values are (L, R >= B, Hkv, S, D); row b's slots before pos[b] are attended to, none is written."""
 
     def __init__(self, decoder, *, head: bool = True):
         super().__init__()
@@ -67,7 +69,7 @@ class StaticStep(nn.Module):
         # int8 on our kernel (int8_kernel.py; the layers hold its packed weights): the graph calls it on fp32
         # activations; other int8 layers run the weight-only product on bf16 activations
         self.vnni = self.int8 and all(getattr(linear, "vnni", None) is not None for linear in linears.values())
-        # bf16 on our kernel (bf16_kernel.py; PackedLinear holds its packed weights): one row, so every product
+        # bf16 on our kernel (bf16_kernel.py; PackedLinear holds its packed weights): at most 16 rows, every product
         self.ours = not self.int8 and all(getattr(linear, "ours", None) is not None for linear in linears.values())
         self.dtype = decoder.dtype  # the activations'
         if self.int8:
@@ -116,27 +118,27 @@ class StaticStep(nn.Module):
     def forward(self, ids: torch.Tensor, pos: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         H, Hkv, D = self.H, self.Hkv, self.D
-        S = keys.shape[3]
-        x = F.embedding(ids, self.embedding)  # (1, dim)
-        cos, sin = self.cos[pos].view(1, 1, D), self.sin[pos].view(1, 1, D)
-        earlier = (torch.arange(S, device=ids.device) < pos).view(1, 1, S)  # the row's filled slots
+        B, S = ids.shape[0], keys.shape[3]
+        x = F.embedding(ids, self.embedding)  # (B, dim)
+        cos, sin = self.cos[pos].view(B, 1, D), self.sin[pos].view(B, 1, D)
+        earlier = (torch.arange(S, device=ids.device)[None, :] < pos[:, None]).view(B, 1, 1, S)  # each row's filled slots
         new_keys, new_values = [], []
         for i in range(self.n_layers):
-            qkv = self._linear(f"qkv{i}", self._norm(x, i, "an")).view(1, H + 2 * Hkv, D)
+            qkv = self._linear(f"qkv{i}", self._norm(x, i, "an")).view(B, H + 2 * Hkv, D)
             qk = qkv[:, :H + Hkv]
-            qk = qk * cos + qk.view(1, H + Hkv, 2, D // 2).flip(2).view(1, H + Hkv, D) * sin
-            k_new, v_new = qk[0, H:].to(keys.dtype), qkv[0, H + Hkv:].to(values.dtype)  # (Hkv, D)
+            qk = qk * cos + qk.view(B, H + Hkv, 2, D // 2).flip(2).view(B, H + Hkv, D) * sin
+            k_new, v_new = qk[:, H:].to(keys.dtype), qkv[:, H + Hkv:].to(values.dtype)  # (B, Hkv, D)
             new_keys.append(k_new)
             new_values.append(v_new)
             # attention over the cached slots and the new key, which the caller writes at `pos` afterwards
             # (written inside the graph, the cache input's mutation costs a copy of it per layer)
-            q = qk[0, :H].float().view(Hkv, H // Hkv, D)
-            k_row, v_row = keys[i, 0].float(), values[i, 0].float()  # (Hkv, S, D)
-            scores = torch.cat([(q @ k_row.transpose(-1, -2)).masked_fill(~earlier, float("-inf")),
-                                (q * k_new.float()[:, None]).sum(-1, keepdim=True)], dim=-1) * D ** -0.5
-            probs = torch.softmax(scores, dim=-1)  # (Hkv, G, S + 1)
-            y = probs[..., :S] @ v_row + probs[..., S:] * v_new.float()[:, None]
-            x = x + self._linear(f"wo{i}", y.to(x.dtype).reshape(1, H * D))
+            q = qk[:, :H].float().view(B, Hkv, H // Hkv, D)
+            k_rows, v_rows = keys[i, :B].float(), values[i, :B].float()  # (B, Hkv, S, D)
+            scores = torch.cat([(q @ k_rows.transpose(-1, -2)).masked_fill(~earlier, float("-inf")),
+                                (q * k_new.float()[:, :, None]).sum(-1, keepdim=True)], dim=-1) * D ** -0.5
+            probs = torch.softmax(scores, dim=-1)  # (B, Hkv, G, S + 1)
+            y = probs[..., :S] @ v_rows + probs[..., S:] * v_new.float()[:, :, None]
+            x = x + self._linear(f"wo{i}", y.to(x.dtype).reshape(B, H * D))
             gate_up = self._linear(f"w13{i}", self._norm(x, i, "fn"))
             x = x + self._linear(f"w2{i}", F.silu(gate_up[:, :self.ffn_dim]) * gate_up[:, self.ffn_dim:])
         x = self._norm(x, 0, "") * self.final
@@ -179,14 +181,23 @@ def package_key(step: StaticStep) -> str:
     return digest.hexdigest()[:24]
 
 
-STEP_VERSION = 3  # raise it when StaticStep's computation changes: old packages are then not reused
+MAX_ROWS = 16  # steps of more rows run eagerly
+STEP_VERSION = 4  # raise it when StaticStep's computation changes: old packages are then not reused
+
+
+def _longest(cache) -> int:
+    """The most slots any row of the cache holds."""
+    lengths = getattr(cache, "_lengths", None)  # an engine SlotView's rows
+    return max(lengths) if lengths is not None else cache.length
 
 
 class CompiledDecoder:
-    """A `FastDecoder` whose batch-1 steps on a cache's row 0 run as one compiled graph (`StaticStep`).
+    """A `FastDecoder` whose steps of up to MAX_ROWS rows from a cache's row 0 run as one compiled graph
+    (`StaticStep`).
 
-    `model(ids, cache=...)` reaches it like the eager step (`model.fast_decode`); steps of several rows, or
-    of a row other than 0, take the eager step. The graph is exported once with the cache's rows and slots
+    `model(ids, cache=...)` reaches it like the eager step (`model.fast_decode`); steps of more rows, of rows
+    not starting at 0, or of a left-padded cache take the eager step. The graph is exported once with the
+    batch, the cache's rows and slots
     as dynamic sizes (so one graph serves every cache of this model) and compiled ahead of time by
     AOTInductor into a package kept under `package_dir()`, named by a digest of the weights: the first
     step compiles it (10-60 s on one core), later processes load it in milliseconds. Where that fails,
@@ -232,31 +243,39 @@ class CompiledDecoder:
             raise AttributeError(name)
         return getattr(self.eager, name)
 
-    def _row0(self, ids: torch.Tensor, cache) -> bool:
-        if ids.shape[0] != 1 or self.failed:
+    def _takes(self, ids: torch.Tensor, cache) -> bool:
+        """Whether this step runs the graph: up to MAX_ROWS rows from a cache's row 0, no left padding."""
+        if ids.shape[0] > MAX_ROWS or self.failed:
             return False
         start = getattr(cache, "start", 0)
         return start == 0 and getattr(cache, "pad", None) is None and cache.k.dtype == self.eager.dtype
 
     def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
-        if not self._row0(ids, cache):
+        if not self._takes(ids, cache):
             return self.eager(ids, cache)
-        pos = cache.positions(1).view(1)  # refuses a full cache
+        B = ids.shape[0]
+        # the graph reads its inputs as contiguous tensors: a KVCache's one shared position is repeated per row
+        pos = cache.positions(1).view(-1).expand(B).contiguous()  # refuses a full cache
         try:
             if self.runner is None:
                 t0 = time.perf_counter()
                 self.runner = self._package(cache)
                 self.compile_seconds = time.perf_counter() - t0
-            out, k, v = self.runner(ids.view(1), pos, cache.k, cache.v)
+            # the graph reads contiguous keys and values: these rows' filled slots (rounded up), copied when the
+            # cache holds more (cheaper than attending to every slot of a long context)
+            used = min(cache.k.shape[3], -(-(_longest(cache) + 1) // 32) * 32)
+            keys, values = (c[:, :B, :, :used].contiguous() for c in (cache.k, cache.v))
+            out, k, v = self.runner(ids.reshape(B).contiguous(), pos, keys, values)
         except Exception as error:  # noqa: BLE001 - no compiler, an unsupported op: any failure means eager
             self._give_up(error)
             return self.eager(ids, cache)
-        cache.k[:, 0].index_copy_(2, pos, k[:, :, None])  # (L, Hkv, S, D) at slot pos
-        cache.v[:, 0].index_copy_(2, pos, v[:, :, None])
+        rows = torch.arange(B, device=pos.device)
+        cache.k[:, rows, :, pos] = k.transpose(0, 1)  # (B, L, Hkv, D): row b's new keys at its slot pos[b]
+        cache.v[:, rows, :, pos] = v.transpose(0, 1)
         cache.advance(1)
         if self.head is not None:
             out = self.head(out.to(self.eager.dtype))
-        return out.view(1, 1, -1).to(self.eager.dtype)
+        return out.view(B, 1, -1).to(self.eager.dtype)
 
     def _path(self) -> Path:
         if self._key is None:  # a digest of every weight: computed once
@@ -276,14 +295,16 @@ class CompiledDecoder:
             except Exception:  # noqa: BLE001 - a damaged or foreign package: build it again
                 pass
         L, _, Hkv, _, D = cache.k.shape
-        example = torch.zeros(L, 2, Hkv, 16, D, dtype=cache.k.dtype)  # 2 rows, 16 slots: neither size specialized
+        example = torch.zeros(L, 3, Hkv, 16, D, dtype=cache.k.dtype)  # 3 rows, 16 slots: no size specialized
+        batch = torch.export.Dim("batch", min=1, max=MAX_ROWS)
         rows = torch.export.Dim("rows", min=1, max=1 << 16)
         slots = torch.export.Dim("slots", min=2, max=self.eager.cos.shape[0])
+        ids = torch.zeros(2, dtype=torch.long)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # export's and inductor's deprecation notes are not the user's business
-            exported = torch.export.export(self.step, (torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long),
-                                                       example, example.clone()),
-                                           dynamic_shapes=(None, None, {1: rows, 3: slots}, {1: rows, 3: slots}))
+            exported = torch.export.export(self.step, (ids, ids.clone(), example, example.clone()),
+                                           dynamic_shapes=({0: batch}, {0: batch}, {1: rows, 3: slots},
+                                                           {1: rows, 3: slots}))
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 target = path

@@ -50,7 +50,7 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
     With `fast_decode`, one-token steps go through a `FastDecoder` (fused q/k/v and gate/up weights,
     fewer ops; `model.fast_decode = None` turns it off). For inference only: the packed and fused
     weights are copies, so weights changed afterwards (training, load_state_dict) would not reach them.
-    With `compile` (CPU, needs a C++ compiler), batch-1 steps run as one compiled graph
+    With `compile` (CPU, needs a C++ compiler), steps of up to 16 rows run as one compiled graph
     (`inference/compiled_step.py`, `CompiledDecoder`; compiled at the first such step, eager where it cannot
     be); with int8 the graph multiplies bf16 activations by the int8 weights (weight-only).
     `head_outside` (default: decided by size) keeps the output layer's product out of that graph.
