@@ -5,6 +5,7 @@ to the eager lean step (several rows, no C++ compiler, a failed compile)."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,7 +173,8 @@ def test_without_a_compiler_it_decodes_eagerly_with_one_sentence(trained, monkey
 def test_a_failed_compile_warns_once_and_decodes_eagerly(trained, monkeypatch, tmp_path):
     monkeypatch.setenv("COGNI_MAMBA_CACHE", str(tmp_path))  # no package from another test to load
 
-    def broken(*args, **kwargs):
+    def broken(*args, package_path, **kwargs):
+        Path(package_path).write_bytes(b"half a package")  # as a writer that fails half-way leaves it
         raise RuntimeError("no luck\nmore lines of a traceback")
 
     import torch._inductor
@@ -189,6 +191,34 @@ def test_a_failed_compile_warns_once_and_decodes_eagerly(trained, monkeypatch, t
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "no luck" in messages[0] and "\n" not in messages[0], messages
     assert messages[0].endswith("decoding runs the eager step.")
+    assert list((tmp_path / "compiled").iterdir()) == []  # the half-written package is gone
+
+
+def test_a_nearly_full_disk_is_refused_before_compiling(trained, monkeypatch, tmp_path):
+    """Too little free space for the package (its weights twice and 32 MiB): one sentence that says so, eager
+    decoding, nothing written, and no compile started (on a full disk torch's package writer can abort)."""
+    import collections
+
+    import torch._inductor
+
+    monkeypatch.setenv("COGNI_MAMBA_CACHE", str(tmp_path))
+    started = []
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", lambda *a, **k: started.append(1))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(compiled_step.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 5 * 2**20, 5 * 2**20))
+    model = prepare_model(_copy(trained), torch.float32, compile=True)
+    if model.fast_decode.failed:
+        pytest.skip(model.fast_decode.failed)
+    need = compiled_step.package_bytes(model.fast_decode.step)
+    assert need == 2 * sum(b.numel() * b.element_size() for b in model.fast_decode.step.buffers()) + 32 * 2**20
+    eager = prepare_model(_copy(trained), torch.float32)
+    with pytest.warns(UserWarning) as caught:
+        tokens = _greedy(model, PATTERN[:4], 8)
+    assert tokens == _greedy(eager, PATTERN[:4], 8) and not started
+    message = str(caught[0].message)
+    assert f"only 5 MB are free in {tmp_path / 'compiled'}" in message and "COGNI_MAMBA_CACHE" in message
+    assert f"needs about {need / 2**20:,.0f} MB" in message and "\n" not in message
+    assert list((tmp_path / "compiled").iterdir()) == []
 
 
 def test_ready_builds_before_the_first_step_and_announces_only_a_build(trained, monkeypatch, tmp_path):

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import build_failure
+from ..errors import CogniError, build_failure
 
 
 class StaticStep(nn.Module):
@@ -181,6 +181,28 @@ def package_key(step: StaticStep) -> str:
     return digest.hexdigest()[:24]
 
 
+def package_bytes(step: StaticStep) -> int:
+    """A generous estimate of the disk a package takes while it is built: its weights twice, and 32 MiB of code
+    (measured: 10-12 MB for nano, 231 MB for tiny's 152 MB of bf16 weights)."""
+    return 2 * sum(b.numel() * b.element_size() for b in step.buffers()) + (32 << 20)
+
+
+def check_space(folder: Path, need: int) -> None:
+    """Refuse to compile (CogniError, one sentence) unless `folder` and inductor's build folder have `need` bytes
+    free: on a full disk the package writer fails half-way and can abort the process as it is cleaned up."""
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+        build = Path(cache_dir())
+    except Exception:  # noqa: BLE001 - another torch: its build files go to the temporary folder
+        build = Path(tempfile.gettempdir())
+    for where in (folder, build if build.exists() else build.parent):
+        free = shutil.disk_usage(where).free
+        if free < need:
+            raise CogniError(f"only {free / 2**20:,.0f} MB are free in {where} and compiling it needs about "
+                             f"{need / 2**20:,.0f} MB; free some space or set COGNI_MAMBA_CACHE to a folder on "
+                             "a larger disk")
+
+
 MAX_ROWS = 16  # steps of more rows run eagerly
 STEP_VERSION = 4  # raise it when StaticStep's computation changes: old packages are then not reused
 
@@ -294,26 +316,31 @@ class CompiledDecoder:
                 return runner
             except Exception:  # noqa: BLE001 - a damaged or foreign package: build it again
                 pass
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            target = path
+        except OSError:  # no writable cache: compile into a temporary folder for this process only
+            target = Path(tempfile.mkdtemp(prefix="cogni-mamba-")) / path.name
+        check_space(target.parent, package_bytes(self.step))
         L, _, Hkv, _, D = cache.k.shape
         example = torch.zeros(L, 3, Hkv, 16, D, dtype=cache.k.dtype)  # 3 rows, 16 slots: no size specialized
         batch = torch.export.Dim("batch", min=1, max=MAX_ROWS)
         rows = torch.export.Dim("rows", min=1, max=1 << 16)
         slots = torch.export.Dim("slots", min=2, max=self.eager.cos.shape[0])
         ids = torch.zeros(2, dtype=torch.long)
+        partial = target.with_name(f"{target.stem}.{os.getpid()}.partial.pt2")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # export's and inductor's deprecation notes are not the user's business
             exported = torch.export.export(self.step, (ids, ids.clone(), example, example.clone()),
                                            dynamic_shapes=({0: batch}, {0: batch}, {1: rows, 3: slots},
                                                            {1: rows, 3: slots}))
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                target = path
-            except OSError:  # no writable cache: compile into a temporary folder for this process only
-                target = Path(tempfile.mkdtemp(prefix="cogni-mamba-")) / path.name
-            partial = target.with_name(f"{target.stem}.{os.getpid()}.partial.pt2")
-            built = torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
-                                                             inductor_configs={"freezing": not self.step.int8})
-            os.replace(built, target)  # whole or absent, even with two processes compiling at once
+                built = torch._inductor.aoti_compile_and_package(exported, package_path=str(partial),
+                                                                 inductor_configs={"freezing": not self.step.int8})
+            except BaseException:
+                partial.unlink(missing_ok=True)  # no half-written package left taking the disk
+                raise
+        os.replace(built, target)  # whole or absent, even with two processes compiling at once
         self.loaded = False
         return torch._inductor.aoti_load_package(str(target))
 
