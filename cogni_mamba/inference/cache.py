@@ -80,6 +80,11 @@ class SlotView:
         self._lengths = cache.lengths[start:stop]
         self._lengths_t = cache.lengths_t[start:stop]
 
+    @property
+    def longest(self) -> int:
+        """The most slots any row of the view holds."""
+        return max(self._lengths)
+
     def positions(self, T: int) -> torch.Tensor:
         """(B, T): each row's next T positions, from its own length."""
         if max(self._lengths) + T > self.max_len:

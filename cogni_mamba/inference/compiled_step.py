@@ -121,7 +121,7 @@ class StaticStep(nn.Module):
         B, S = ids.shape[0], keys.shape[3]
         x = F.embedding(ids, self.embedding)  # (B, dim)
         cos, sin = self.cos[pos].view(B, 1, D), self.sin[pos].view(B, 1, D)
-        earlier = (torch.arange(S, device=ids.device)[None, :] < pos[:, None]).view(B, 1, 1, S)  # each row's filled slots
+        earlier = (torch.arange(S, device=ids.device)[None, :] < pos[:, None]).view(B, 1, 1, S)  # rows' filled slots
         new_keys, new_values = [], []
         for i in range(self.n_layers):
             qkv = self._linear(f"qkv{i}", self._norm(x, i, "an")).view(B, H + 2 * Hkv, D)
@@ -208,9 +208,9 @@ STEP_VERSION = 4  # raise it when StaticStep's computation changes: old packages
 
 
 def _longest(cache) -> int:
-    """The most slots any row of the cache holds."""
-    lengths = getattr(cache, "_lengths", None)  # an engine SlotView's rows
-    return max(lengths) if lengths is not None else cache.length
+    """The most slots any row of the cache holds (an engine SlotView's rows each have a length; a KVCache's one)."""
+    longest = getattr(cache, "longest", None)
+    return longest if longest is not None else cache.length
 
 
 class CompiledDecoder:
@@ -219,8 +219,8 @@ class CompiledDecoder:
 
     `model(ids, cache=...)` reaches it like the eager step (`model.fast_decode`); steps of more rows, of rows
     not starting at 0, or of a left-padded cache take the eager step. The graph is exported once with the
-    batch, the cache's rows and slots
-    as dynamic sizes (so one graph serves every cache of this model) and compiled ahead of time by
+    batch, the cache's rows and slots as dynamic sizes (so one graph serves every cache of this model) and
+    compiled ahead of time by
     AOTInductor into a package kept under `package_dir()`, named by a digest of the weights: the first
     step compiles it (10-60 s on one core), later processes load it in milliseconds. Where that fails,
     one warning says why and every step runs eagerly.
