@@ -139,7 +139,7 @@ def test_the_engine_decodes_rows_of_different_lengths_through_it(trained):
     assert max(batches) == 3 and min(batches) == 1 and sum(batches) == sum(n - 1 for n in lengths)
 
 
-def test_which_steps_take_the_graph(trained):
+def test_which_steps_take_the_graph(trained, monkeypatch):
     decoder = prepare_model(_copy(trained), torch.float32, compile=True).fast_decode
     if decoder.failed:
         pytest.skip(decoder.failed)
@@ -157,6 +157,12 @@ def test_which_steps_take_the_graph(trained):
     assert not decoder._takes(ids(2), slots.view(1, 3))  # not from row 0
     padded = decoder.model.new_cache(2, 8, pad=torch.tensor([0, 1]))
     assert not decoder._takes(ids(2), padded)
+    for row, length in enumerate([10, 3, 7]):
+        slots.set_length(row, length)
+    monkeypatch.setattr(compiled_step, "MAX_ATTENDED", 30)  # 3 rows x the longest's 10 slots: just in
+    assert decoder._takes(ids(3), slots.view(0, 3))
+    slots.set_length(1, 11)
+    assert not decoder._takes(ids(3), slots.view(0, 3))  # 33 slots to attend to: eager
 
 
 def test_without_a_compiler_it_decodes_eagerly_with_one_sentence(trained, monkeypatch):

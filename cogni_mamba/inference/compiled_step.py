@@ -22,8 +22,8 @@ take our bf16 kernel (`bf16_kernel.py`, the eager step's product) where the CPU 
 Otherwise plain products in the model's dtype, with inductor's freezing (bf16 weights packed once for oneDNN).
 
 `CompiledDecoder` wraps the model's `FastDecoder`: steps of up to MAX_ROWS rows from row 0 of a cache (a
-lone generation, or the engine's whole decoding block) go through the graph, every other step through the
-eager lean step. The graph is compiled ahead of time (AOTInductor: exported with the rows and slots as
+lone generation, or the engine's whole decoding block; at most MAX_ATTENDED filled slots in all) go through
+the graph, every other step through the eager lean step. The graph is compiled ahead of time (AOTInductor: exported with the rows and slots as
 dynamic sizes, so one package serves every batch and cache) at the first such step and kept on disk under a
 digest of the weights, so a later process loads it in milliseconds; AOTInductor's runner also skips
 torch.compile's per-call guards (0.44 against 0.58 ms a nano step). Nano bf16, one thread: 2.1x the eager
@@ -204,6 +204,9 @@ def check_space(folder: Path, need: int) -> None:
 
 
 MAX_ROWS = 16  # steps of more rows run eagerly
+# and steps whose rows x filled slots pass this: the graph's attention is slower than the eager step's on many long
+# rows (tiny bf16, one thread: 8 rows of 900 slots 0.79x the eager step, of 700 1.06x, of 300-500 1.04-1.24x)
+MAX_ATTENDED = 4096
 STEP_VERSION = 4  # raise it when StaticStep's computation changes: old packages are then not reused
 
 
@@ -266,11 +269,13 @@ class CompiledDecoder:
         return getattr(self.eager, name)
 
     def _takes(self, ids: torch.Tensor, cache) -> bool:
-        """Whether this step runs the graph: up to MAX_ROWS rows from a cache's row 0, no left padding."""
+        """Whether this step runs the graph: up to MAX_ROWS rows from a cache's row 0, no left padding, at most
+        MAX_ATTENDED filled slots in all."""
         if ids.shape[0] > MAX_ROWS or self.failed:
             return False
         start = getattr(cache, "start", 0)
-        return start == 0 and getattr(cache, "pad", None) is None and cache.k.dtype == self.eager.dtype
+        return (start == 0 and getattr(cache, "pad", None) is None and cache.k.dtype == self.eager.dtype
+                and ids.shape[0] * _longest(cache) <= MAX_ATTENDED)
 
     def __call__(self, ids: torch.Tensor, cache) -> torch.Tensor:
         if not self._takes(ids, cache):
