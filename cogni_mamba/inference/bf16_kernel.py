@@ -59,19 +59,12 @@ def why_unavailable() -> str | None:
     """None when the kernel is built and loaded (building it the first time); else why not, in a phrase."""
     if not cpu_supports():
         return "this CPU has no AVX512-BF16"
-    failed = build("cogni_mamba_bf16", "bf16_linear.cpp", ["-mavx512bf16"])
-    if failed is None:
-        _register_shape_function()
-    return failed
-
-
-@functools.cache
-def _register_shape_function() -> None:
-    """Lets torch.export trace calls to the op (the compiled decode step's products; once per process)."""
-    torch.library.register_fake("cogni_mamba_bf16::bf16_linear", _shape_only)
+    return build("cogni_mamba_bf16", "bf16_linear.cpp", ["-mavx512bf16"], op="cogni_mamba_bf16::bf16_linear",
+                 shape=_shape_only)
 
 
 def _shape_only(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """The op's result without computing it: what torch.export needs to trace the compiled step's calls."""
     return x.new_empty(x.shape[0], out_features)
 
 

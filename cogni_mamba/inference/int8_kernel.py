@@ -51,21 +51,13 @@ def why_unavailable() -> str | None:
     """None when the kernel is built and loaded (building it the first time); else why not, in a phrase."""
     if not cpu_supports():
         return "this CPU has no AVX512-VNNI"
-    failed = build("cogni_mamba_int8", "int8_linear.cpp", ["-mavx512vnni"])
-    if failed is not None:
-        return failed
-    _register_shape_function()
-    return None
-
-
-@functools.cache
-def _register_shape_function() -> None:
-    """Lets torch.export trace calls to the op (once per process, however often the kernel is loaded)."""
-    torch.library.register_fake("cogni_mamba::int8_linear", _shape_only)
+    return build("cogni_mamba_int8", "int8_linear.cpp", ["-mavx512vnni"], op="cogni_mamba::int8_linear",
+                 shape=_shape_only)
 
 
 def _shape_only(x: torch.Tensor, packed: torch.Tensor, row_sums: torch.Tensor, scale: torch.Tensor,
                 out_features: int) -> torch.Tensor:
+    """The op's result without computing it: what torch.export needs to trace the compiled step's calls."""
     return x.new_empty(x.shape[0], out_features)
 
 

@@ -5,11 +5,14 @@ disk) gets the reason in a phrase, and the kernel's caller falls back to torch's
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+import torch
 
 from ..errors import build_failure
 
@@ -47,8 +50,10 @@ def usable(wanted: bool, why_unavailable: Callable[[], str | None], cpu_supports
     return reason is None
 
 
-def build(name: str, source: str, extra_flags: Sequence[str]) -> str | None:
-    """Build and load kernels/`source` as the extension `name`; None when it loaded, else why not, in a phrase."""
+def build(name: str, source: str, extra_flags: Sequence[str], *, op: str,
+          shape: Callable[..., torch.Tensor]) -> str | None:
+    """Build and load kernels/`source` as the extension `name`, and give its operator `op` ("library::name") the
+    shape function `shape` (so torch.export can trace calls to it); None when it loaded, else why not, in a phrase."""
     try:
         from torch.utils import cpp_extension
 
@@ -63,6 +68,14 @@ def build(name: str, source: str, extra_flags: Sequence[str]) -> str | None:
         finally:
             log.setLevel(level)
     except Exception as error:  # no compiler, no ninja, a full disk, a failed build: all mean "use torch's product"
+        where = os.environ.get("TORCH_EXTENSIONS_DIR") or "~/.cache/torch_extensions"
         return (f"building it failed ({build_failure(error)}); it needs a C++ compiler, ninja (`pip install ninja`) "
-                "and a few MB free under ~/.cache/torch_extensions")
+                f"and a few MB free under {where}")
+    _register_shape(op, shape)
     return None
+
+
+@functools.cache
+def _register_shape(op: str, shape: Callable[..., torch.Tensor]) -> None:
+    """Once per process, however often the kernel is loaded."""
+    torch.library.register_fake(op, shape)
