@@ -100,11 +100,12 @@ def test_a_failed_build_falls_back_to_fbgemm_with_one_warning(monkeypatch):
     monkeypatch.setattr(int8_kernel, "cpu_supports", lambda: True)
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     monkeypatch.delenv("COGNI_MAMBA_INT8", raising=False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/tmp/elsewhere")  # the folder the sentence names
     int8_kernel.why_unavailable.cache_clear()
     int8_kernel._warn_once.cache_clear()
     try:
         with pytest.warns(UserWarning, match=r"^int8 runs fbgemm's product, not ours: building it failed \(Ninja is "
-                                             r"required to load C\+\+ extensions\); it needs a C\+\+ compiler, .*\.$"):
+                                             r"required to load C\+\+ extensions\); it needs a C\+\+ compiler, .* under /tmp/elsewhere\.$"):
             layer = precision.Int8Linear(torch.nn.Linear(32, 8, bias=False))
         assert layer.vnni is None
         with warnings.catch_warnings():
@@ -191,6 +192,7 @@ def test_one_signed_rows_use_all_256_codes_of_their_range(built):
 def test_a_cpu_without_vnni_falls_back_quietly(monkeypatch):
     monkeypatch.setattr(int8_kernel, "cpu_supports", lambda: False)
     monkeypatch.delenv("COGNI_MAMBA_INT8", raising=False)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/tmp/elsewhere")  # the folder the sentence names
     int8_kernel.why_unavailable.cache_clear()
     try:
         with warnings.catch_warnings():
