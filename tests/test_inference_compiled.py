@@ -1,6 +1,7 @@
-"""The compiled batch-1 decode step (`inference.compiled_step`) against independent references: the fp32
-model's full forward (logits within a tolerance, greedy tokens by full recomputation), and its fallbacks
-to the eager lean step (several rows, no C++ compiler, a failed compile)."""
+"""The compiled decode step (`inference.compiled_step`) against independent references: the fp32 model's full
+forward (logits within a tolerance, greedy tokens of one row and of several rows of different lengths by full
+recomputation), and its fallbacks to the eager lean step (more than 16 rows, too many slots to attend to, no C++
+compiler, a failed compile, a nearly full disk)."""
 
 from __future__ import annotations
 
