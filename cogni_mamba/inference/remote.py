@@ -351,4 +351,5 @@ class _ChildLink:
             self.events.send(message)
 
     def _stats(self) -> tuple:
-        return dataclasses.astuple(self.engine.stats())
+        stats = self.engine.stats()  # a flat tuple by hand: dataclasses.astuple deep-copies, ~3% of a nano step here
+        return tuple(getattr(stats, f.name) for f in dataclasses.fields(stats))
