@@ -12,6 +12,9 @@ no pytest needed, so it runs on a bare GPU image). Each subcommand prints its nu
     python3 scripts/cuda_checks.py dist --device cuda
         DDP and FSDP2 (fp32, and bf16 with its mixed-precision policy) over a process group of one
         against plain training with the trainer: losses, and the dtype FSDP computes with.
+    python3 scripts/cuda_checks.py graphs --steps 64 --device cuda
+        The engine's decode steps replayed as CUDA graphs (`--compile` on a GPU) against the same step
+        called directly (tokens must agree) and the eager lean step: tokens/s at nano and tiny, batch 1 / 8 / 32.
 
 `--device cpu` runs the same code on a CPU (fp16 is skipped there), at the sizes the dry run uses.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -232,13 +236,88 @@ def check_dist(args, device: torch.device) -> list[str]:
     return problems
 
 
+# --- decode steps replayed as CUDA graphs ------------------------------------------------------------
+
+def _engine_run(model, prompts: list[list[int]], new_tokens: int,
+                device: torch.device) -> tuple[list[list[int]], float]:
+    """Greedy rows through a fresh engine, twice (the first records the graphs); the second's tokens and seconds."""
+    from cogni_mamba.inference import Engine
+    from cogni_mamba.inference.request import greedy_settings
+
+    engine = Engine(model, max_batch=len(prompts), prefix_rows=0)  # no kept prefixes: both runs prefill everything
+    for _ in range(2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            requests = [engine.submit(p, greedy_settings(new_tokens)) for p in prompts]
+            rows = [list(r) for r in requests]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    return rows, seconds
+
+
+def _agreement(rows: list[list[int]], reference: list[list[int]]) -> float:
+    """The share of tokens before each row's first difference, over all rows."""
+    same = 0
+    for a, b in zip(rows, reference, strict=True):
+        n = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        same += n
+    return same / max(1, sum(len(b) for b in reference))
+
+
+def check_graphs(args, device: torch.device) -> list[str]:
+    """The engine's decode steps replayed as CUDA graphs (`--compile` on a GPU) against the same step called
+    directly (its tokens must agree) and the eager lean step (tokens/s side by side; agreement printed), bf16,
+    random weights (init std 0.3, so that rows do not repeat one token), 16-token prompts, batch 1 / 8 / 32."""
+    import dataclasses
+
+    from cogni_mamba.config import preset
+    from cogni_mamba.inference.cuda_graphs import CallAgain, CudaGraph, GraphedDecoder
+    from cogni_mamba.inference.precision import prepare_model
+
+    cuda = device.type == "cuda"
+    sizes = [("nano", (1, 8, 32)), ("tiny", (1, 8, 32))] if cuda else [("nano", (1, 4))]
+    problems = []
+    print("| model | batch | eager tok/s | graphs tok/s | x eager | graphs = uncaptured step | graphs = eager |")
+    print("|---|---|---|---|---|---|---|")
+    for name, batches in sizes:
+        config = dataclasses.replace(preset(name).model, init_std=0.3)
+        torch.manual_seed(0)
+        model = prepare_model(CogniMamba(config).to(device), torch.bfloat16)
+        eager = model.fast_decode
+        graphs = GraphedDecoder(eager, recorder=CudaGraph if cuda else CallAgain)
+        uncaptured = GraphedDecoder(eager, recorder=CallAgain)
+        g = torch.Generator().manual_seed(1)
+        for batch in batches:
+            prompts = [torch.randint(0, config.vocab_size, (16,), generator=g).tolist() for _ in range(batch)]
+            out = {}
+            for label, decoder in (("eager", eager), ("graphs", graphs), ("uncaptured", uncaptured)):
+                model.fast_decode = decoder
+                out[label] = _engine_run(model, prompts, args.steps, device)
+            model.fast_decode = eager
+            if graphs.failed:
+                problems.append(f"{name}: {graphs.failed}")
+                break
+            speed = {k: batch * args.steps / seconds for k, (_, seconds) in out.items()}
+            same = _agreement(out["graphs"][0], out["uncaptured"][0])
+            print(f"| {name} | {batch} | {speed['eager']:,.0f} | {speed['graphs']:,.0f} | "
+                  f"{speed['graphs'] / speed['eager']:.2f}x | {same:.3f} | "
+                  f"{_agreement(out['graphs'][0], out['eager'][0]):.3f} |", flush=True)
+            if same < 0.95:
+                problems.append(f"{name} batch {batch}: graphs and the uncaptured step agree on {same:.1%} of tokens")
+        print(f"{name}: {graphs.recorded} graphs recorded" + (f" ({graphs.failed})" if graphs.failed else ""))
+    return problems
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("check", choices=["precision", "attention", "dist"])
+    p.add_argument("check", choices=["precision", "attention", "dist", "graphs"])
     p.add_argument("--preset", default="medium")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=8, help="training steps; for graphs: new tokens per row")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -246,7 +325,8 @@ def main(argv=None) -> int:
         device = torch.device("cuda", 0)
     if device.type != "cuda":
         print("(no CUDA: fp16 and the CUDA kernels are not checked here)")
-    problems = {"precision": check_precision, "attention": check_attention, "dist": check_dist}[args.check](args, device)
+    checks = {"precision": check_precision, "attention": check_attention, "dist": check_dist, "graphs": check_graphs}
+    problems = checks[args.check](args, device)
     print("PASS" if not problems else "FAIL: " + "; ".join(problems))
     return 1 if problems else 0
 

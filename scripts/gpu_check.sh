@@ -20,6 +20,8 @@
 #   dist        DDP and FSDP2 (fp32, and bf16 with its mixed-precision policy) over nccl vs plain training
 #   pytest      the CUDA cases of the DDP / FSDP2 tests, checkpoints and resume included (needs pytest)
 #   torchrun    a 2-GPU DDP and FSDP2 smoke under torchrun (only with 2+ GPUs)
+#   graphs      the engine's decode steps replayed as CUDA graphs (`--compile` on a GPU) against the same
+#               step called directly and the eager step: tokens agree, tokens/s at nano / tiny, batch 1 / 8 / 32
 #   eager       medium eager bf16 and fp16: tokens/s, MFU, max_memory_allocated / reserved vs the seed's ~6 GB
 #   big-batch   medium bf16 at 16 x 512: tokens/s that grow with the batch mean the step is launch-bound
 #   compile     medium bf16 + torch.compile (first-step column = compile time)
@@ -184,6 +186,7 @@ if [[ $DRY == 1 ]]; then  # the same entry points and flags as below, at sizes a
     ABL=(benchmarks/ablations.py --quick)
     HF=(benchmarks/train_throughput.py --quick --precisions bf16 --steps 2)
     SERVE=(--device cpu --clients 1,2 --engine-only --seconds 5 --max-tokens 16)
+    GRAPH_TOKENS=8
     HTTP=(--device cpu --clients 1,2 --requests-per-client 1 --max-tokens 8 --byte-tokenizer --engine process thread)
 else
     DEV=cuda; NAME=medium
@@ -195,6 +198,7 @@ else
     ABL=(benchmarks/ablations.py --preset medium --precision fp16 --batch 4 --seq-len 512 --steps 5 --repeats 2)
     HF=(benchmarks/train_throughput.py --presets medium --precisions bf16 --batch 4 --seq-len 512 --steps 10)
     SERVE=(--device cuda --clients 1,8,32 --engine-only --seconds 20)
+    GRAPH_TOKENS=64
     HTTP=(--device cuda --clients 1,8,32 --requests-per-client 4 --seconds 15 --stagger --byte-tokenizer
           --engine process thread)
 fi
@@ -223,6 +227,9 @@ for parallel in ('ddp', 'fsdp'):
 else
     skip torchrun "torchrun, 2 GPUs: DDP then FSDP2" "this machine has $NGPU GPU(s)"
 fi
+
+step graphs 60 "decode steps replayed as CUDA graphs against the uncaptured step and the eager one ($DEV)" \
+    scripts/cuda_checks.py graphs --steps "$GRAPH_TOKENS" --device "$DEV"
 
 # 2. throughput and memory, eager, at the seed's shape; then a larger batch
 step eager 100 "our training step, $NAME, eager: tokens/s, MFU, peak allocated / reserved" \

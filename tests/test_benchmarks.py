@@ -235,7 +235,7 @@ def test_gpu_check_refuses_clearly_without_cuda(tmp_path):
 
 # --- scripts/gpu_check.sh: order, results as it goes, summary, exit status ---------------------------
 
-GPU_CHECK_ORDER = ["precision", "attention", "dist", "pytest", "torchrun", "eager", "big-batch", "compile",
+GPU_CHECK_ORDER = ["precision", "attention", "dist", "pytest", "torchrun", "graphs", "eager", "big-batch", "compile",
                    "transformers", "presets", "ablations", "serve", "serve-http"]
 
 

@@ -26,7 +26,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="int8 weights with one scale per output row (faster on CPUs; tokens may differ from fp32)")
     p.add_argument("--compile", action="store_true",
                    help="run one-row decode steps as one compiled graph (CPU with a C++ compiler; the first run "
-                        "of a checkpoint waits 10-60 s while it compiles, later ones load it; fastest with --int8)")
+                        "of a checkpoint waits 10-60 s while it compiles, later ones load it; fastest with --int8); "
+                        "on a CUDA GPU, replay them as CUDA graphs")
 
 
 def sampling_overrides(args: argparse.Namespace) -> dict:

@@ -34,7 +34,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "may differ from fp32)")
     p.add_argument("--compile", action="store_true",
                    help="run decode steps (up to 16 rows) as one compiled graph (CPU with a C++ compiler; built "
-                        "at start-up, 10-60 s the first time per checkpoint)")
+                        "at start-up, 10-60 s the first time per checkpoint); on a CUDA GPU, replay steps of up to "
+                        "64 rows as CUDA graphs")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads per operation of the engine's steps (default: the fastest of 1, half and all "

@@ -156,7 +156,7 @@ def build_now(model) -> None:
 def compile_unavailable(device: torch.device) -> str | None:
     """Why the compiled step cannot run here (one sentence), or None when it can."""
     if device.type != "cpu":
-        return f"the compiled decode step is built for CPUs only, not {device.type}"
+        return f"the compiled decode step is built for CPUs (and replayed as CUDA graphs on GPUs), not {device.type}"
     from torch._inductor import config as inductor
 
     compiler = inductor.cpp.cxx[1] if isinstance(inductor.cpp.cxx, tuple) else inductor.cpp.cxx

@@ -52,7 +52,8 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
     weights are copies, so weights changed afterwards (training, load_state_dict) would not reach them.
     With `compile` (CPU, needs a C++ compiler), steps of up to 16 rows run as one compiled graph
     (`inference/compiled_step.py`, `CompiledDecoder`; compiled at the first such step, eager where it cannot
-    be); with int8 the graph multiplies bf16 activations by the int8 weights (weight-only).
+    be); with int8 the graph multiplies bf16 activations by the int8 weights (weight-only). On a CUDA GPU,
+    `compile` replays steps of up to 64 rows as CUDA graphs instead (`inference/cuda_graphs.py`).
     `head_outside` (default: decided by size) keeps the output layer's product out of that graph.
     """
     if quantize not in (None, *QUANTIZATIONS):
@@ -73,7 +74,11 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
             quantize_int8(part)
         elif dtype == torch.bfloat16 and _on_cpu(model) and torch.backends.mkldnn.is_available():
             pack_linears(part)
-    if compile and decoder is not None:
+    if compile and decoder is not None and model.tok_embeddings.weight.device.type == "cuda":
+        from .cuda_graphs import GraphedDecoder
+
+        decoder = GraphedDecoder(decoder)
+    elif compile and decoder is not None:
         from .compiled_step import CompiledDecoder
 
         # int8 on fbgemm: the graph cannot call fbgemm, and its weight-only product is slower at large sizes
