@@ -244,6 +244,22 @@ def test_sampling_candidates_are_what_process_logits_leaves(top_k, top_p):
         assert [got[i] for i in sorted(got)] == pytest.approx([kept[i] for i in sorted(kept)], rel=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_k_candidates_without_a_penalty_come_from_the_raw_logits_alike(dtype):
+    """No repetition penalty: top-k runs before the fp32 conversion and the temperature; the same survivors, the same
+    tempered values (bf16 logits widened exactly) as process_logits on the fp32 logits."""
+    logits = random_logits(11).to(dtype)
+    cfg = GenerationConfig(temperature=0.7, top_k=20, top_p=0.8, min_p=0.05)
+    full = process_logits(logits.float(), cfg)
+    values, ids = sampling_candidates(logits, cfg)
+    assert values.dtype == torch.float32 and ids.shape == (logits.shape[0], 20)
+    for f_row, v_row, i_row in zip(full.tolist(), values.tolist(), ids.tolist(), strict=True):
+        kept = {i: x for i, x in enumerate(f_row) if x != -math.inf}
+        got = {i: x for i, x in zip(i_row, v_row, strict=True) if x != -math.inf}
+        assert got.keys() == kept.keys()
+        assert [got[i] for i in sorted(got)] == pytest.approx([kept[i] for i in sorted(kept)], rel=1e-6)
+
+
 def test_draw_is_the_inverse_cdf():
     values = torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.0, 0.5]]).log()  # the second row's middle one is dropped
     ids = torch.tensor([[7, 3, 9], [4, 5, 6]])
