@@ -59,8 +59,10 @@ def pick_tokens(logits: torch.Tensor, settings: Sequence[GenerationConfig], seen
             picks = process_logits(group_logits, s, group_seen).argmax(dim=-1).tolist()
         else:  # one uniform number per row from the row's own generator, then one batched draw
             values, ids = sampling_candidates(group_logits, s, group_seen)
-            uniforms = torch.cat([torch.rand(1, generator=generators[j], device=generators[j].device)
-                                  if generators[j] is not None else torch.rand(1) for j in members])
+            uniforms = torch.rand(len(members))  # unseeded rows: one call to torch's global generator for all
+            for k, j in enumerate(members):
+                if generators[j] is not None:  # a seeded row draws from its own generator, the same in any batch
+                    uniforms[k] = torch.rand(1, generator=generators[j], device=generators[j].device).item()
             picks = draw(values, ids, uniforms.to(values.device)).tolist()
         for k, j in enumerate(members):
             chosen[j] = picks[k]
