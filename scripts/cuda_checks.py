@@ -14,7 +14,8 @@ no pytest needed, so it runs on a bare GPU image). Each subcommand prints its nu
         against plain training with the trainer: losses, and the dtype FSDP computes with.
     python3 scripts/cuda_checks.py graphs --steps 64 --device cuda
         The engine's decode steps replayed as CUDA graphs (`--compile` on a GPU) against the same step
-        called directly (tokens must agree) and the eager lean step: tokens/s at nano and tiny, batch 1 / 8 / 32.
+        called directly (tokens must agree) and the eager lean step: tokens/s at nano and tiny, batch 1 / 8 / 32;
+        then four sampled rows, one seeded (its generator on the GPU), that must each run to their budget.
 
 `--device cpu` runs the same code on a CPU (fp16 is skipped there), at the sizes the dry run uses.
 """
@@ -308,7 +309,31 @@ def check_graphs(args, device: torch.device) -> list[str]:
             if same < 0.95:
                 problems.append(f"{name} batch {batch}: graphs and the uncaptured step agree on {same:.1%} of tokens")
         print(f"{name}: {graphs.recorded} graphs recorded" + (f" ({graphs.failed})" if graphs.failed else ""))
+        problems += _sampled_batch(model, graphs, config.vocab_size, args.steps)
     return problems
+
+
+def _sampled_batch(model, decoder, vocab: int, new_tokens: int) -> list[str]:
+    """Sampled rows through the graphs, one seeded and three not, with the same settings (one group in `pick_tokens`,
+    the seeded row's generator on the device): every row must run to its token budget."""
+    from cogni_mamba.config import GenerationConfig
+    from cogni_mamba.inference import Engine
+
+    model.fast_decode = decoder
+    engine = Engine(model, max_batch=4, prefix_rows=0)
+    g = torch.Generator().manual_seed(2)
+    try:
+        with torch.inference_mode():
+            requests = [engine.submit(torch.randint(0, vocab, (12,), generator=g).tolist(),
+                                      GenerationConfig(max_new_tokens=new_tokens, seed=7 if i == 0 else None))
+                        for i in range(4)]
+            lengths = [len(list(r)) for r in requests]
+    except Exception as e:  # noqa: BLE001 - reported as the check's failure
+        return [f"sampled rows (one seeded) failed: {type(e).__name__}: {e}"]
+    finally:
+        model.fast_decode = decoder.eager
+    print(f"sampled rows, one seeded: {lengths} tokens")
+    return [] if lengths == [new_tokens] * 4 else [f"sampled rows made {lengths} tokens, not {new_tokens} each"]
 
 
 def main(argv=None) -> int:
