@@ -55,6 +55,13 @@ def test_unknown_quantization_is_an_error():
         prepare_model(CogniMamba(ModelConfig(**SMALL)), torch.float32, quantize="int4")
 
 
+def test_int8_off_the_cpu_is_one_sentence():
+    """int8's products are CPU kernels (ours, fbgemm, and the weight-only op, which older torch lacks on CUDA)."""
+    model = CogniMamba(ModelConfig(**SMALL)).to("meta")
+    with pytest.raises(CogniError, match=r"int8 weights run on CPUs only .*not on meta; leave out --int8"):
+        prepare_model(model, torch.bfloat16, quantize="int8")
+
+
 def test_prepare_model_casts_weights_keeps_tying_and_fp32_rotary():
     model = CogniMamba(ModelConfig(**SMALL)).train()
     reference = {k: v.clone() for k, v in model.state_dict().items()}

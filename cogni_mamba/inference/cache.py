@@ -46,7 +46,7 @@ class SlotCache:
 
     def set_length(self, row: int, length: int) -> None:
         self.lengths[row] = length
-        self.lengths_t[row] = length
+        self.lengths_t[row:row + 1].fill_(length)  # a fill; a scalar setitem waits for a GPU
 
     def swap_rows(self, a: int, b: int) -> None:
         """Exchange what slots a and b hold."""

@@ -23,6 +23,7 @@ the real graphs against the eager step on a GPU and times both.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 
@@ -40,6 +41,7 @@ class CudaGraph:
     decoder's shared memory `pool`; `replay()` runs them again on the same memory, refreshing `outputs`."""
 
     def __init__(self, fn: Callable[[], tuple[torch.Tensor, ...]], pool=None):
+        # the caller makes the model's GPU the current device (`torch.cuda.device`): streams and capture are per device
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -86,7 +88,7 @@ class GraphedDecoder:
         self.eager = decoder
         self.model = decoder.model
         self.step = StaticStep(decoder, head=True)
-        device = self.model.tok_embeddings.weight.device
+        device = self.device = self.model.tok_embeddings.weight.device
         self.recorder = recorder or CudaGraph
         self._pool = torch.cuda.graph_pool_handle() if recorder is None else None  # the graphs share their memory
         self._ids = torch.zeros(MAX_ROWS, dtype=torch.long, device=device)
@@ -129,11 +131,12 @@ class GraphedDecoder:
         self._ids[B:rows].zero_()
         self._pos[:B].copy_(pos.expand(B))
         self._pos[B:rows].zero_()
-        try:
-            graph = self._graphs.get((rows, slots))
-            if graph is None:
-                graph = self._graphs[(rows, slots)] = self._record(cache, rows, slots)
-            graph.replay()
+        try:  # on the model's GPU (cuda:1 too): a capture on another device's stream would record nothing
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                graph = self._graphs.get((rows, slots))
+                if graph is None:
+                    graph = self._graphs[(rows, slots)] = self._record(cache, rows, slots)
+                graph.replay()
         except Exception as error:  # noqa: BLE001 - an op that cannot be recorded: eager from now on
             self._give_up(error)
             return self.eager(ids, cache)

@@ -92,7 +92,7 @@ class Engine:
         ids, settings, stops = checked_submission(prompt, settings, n, stop_ids, on_overflow, max_batch=self.max_batch,
                                                   max_len=self.max_len, bos_id=self.bos_id)
         requests = [Request(self, ids, settings, stops, None if settings.seed is None
-                            else make_generator(settings.seed + i, self.device), index=i) for i in range(n)]
+                            else make_generator(settings.seed + i, "cpu"), index=i) for i in range(n)]
         for request in requests if on_update else ():
             request.on_update(lambda r=request: on_update(r))
         with self._cond:
@@ -362,7 +362,7 @@ class Engine:
                     continue
                 row.next_token = token
                 if row.seen is not None:
-                    row.seen[token] = True
+                    row.seen[token:token + 1] = True  # a fill; `seen[token] = True` waits for a GPU
         for i in sorted(finished, reverse=True):
             self._remove(i)
 

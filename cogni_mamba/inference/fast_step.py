@@ -140,6 +140,7 @@ class FastDecoder:
         mask = cache.mask(T)  # None: every row starts empty, so plain causal attention is exact
         cos, sin = self.cos[positions], self.sin[positions]  # (T, D) or (B, T, D)
         cos, sin = (cos[:, None], sin[:, None]) if cos.dim() == 3 else (cos[None, None], sin[None, None])
+        at = None if last is None else torch.tensor(last, device=ids.device)  # before the layers: no wait on a GPU
         x = F.embedding(ids.reshape(-1), self.model.tok_embeddings.weight)  # (B * T, dim)
         for i, (_, _, qkv_proj, wo, w13, w2, ffn_dim) in enumerate(self._layers()):
             qkv = qkv_proj(self._norm(x, None)).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2Hkv, T, D)
@@ -154,6 +155,6 @@ class FastDecoder:
             x = x + w2(F.silu(gate_up[:, :ffn_dim]) * gate_up[:, ffn_dim:])
         cache.advance(T)
         x = x.view(B, T, -1)
-        x = x[:, -1] if last is None else x[torch.arange(B, device=x.device), torch.tensor(last, device=x.device)]
+        x = x[:, -1] if at is None else x[torch.arange(B, device=x.device), at]
         return self._head(self._norm(x, None) * self.norm_scale)  # (B, V)
 

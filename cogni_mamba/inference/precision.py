@@ -58,6 +58,10 @@ def prepare_model(model: nn.Module, dtype: torch.dtype, *, quantize: str | None 
     """
     if quantize not in (None, *QUANTIZATIONS):
         raise CogniError(f"Unknown quantization {quantize!r}; use int8 or leave it unset.")
+    if quantize == "int8" and not _on_cpu(model):
+        raise CogniError(f"int8 weights run on CPUs only (their products are CPU kernels), not on "
+                         f"{next(model.parameters()).device.type}; leave out --int8 there (bf16, the default on "
+                         "GPUs with native bf16, is the fast choice).")
     if quantize == "int8" and _on_cpu(model) and int8_takes_fp32():
         dtype = torch.float32
     model.eval()

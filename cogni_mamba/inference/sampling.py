@@ -62,7 +62,7 @@ def pick_tokens(logits: torch.Tensor, settings: Sequence[GenerationConfig], seen
             uniforms = torch.rand(len(members))  # unseeded rows: one call to torch's global generator for all
             for k, j in enumerate(members):
                 if generators[j] is not None:  # a seeded row draws from its own generator, the same in any batch
-                    uniforms[k] = torch.rand(1, generator=generators[j], device=generators[j].device).item()
+                    uniforms[k] = torch.rand(1, generator=generators[j], device=generators[j].device)[0]
             picks = draw(values, ids, uniforms.to(values.device)).tolist()
         for k, j in enumerate(members):
             chosen[j] = picks[k]
