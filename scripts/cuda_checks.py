@@ -15,7 +15,7 @@ no pytest needed, so it runs on a bare GPU image). Each subcommand prints its nu
     python3 scripts/cuda_checks.py graphs --steps 64 --device cuda
         The engine's decode steps replayed as CUDA graphs (`--compile` on a GPU) against the same step
         called directly (tokens must agree) and the eager lean step: tokens/s at nano and tiny, batch 1 / 8 / 32;
-        then four sampled rows, one seeded (its generator on the GPU), that must each run to their budget.
+        then four sampled rows with the same settings, one seeded, that must each run to their budget.
 
 `--device cpu` runs the same code on a CPU (fp16 is skipped there), at the sizes the dry run uses.
 """
@@ -315,7 +315,7 @@ def check_graphs(args, device: torch.device) -> list[str]:
 
 def _sampled_batch(model, decoder, vocab: int, new_tokens: int) -> list[str]:
     """Sampled rows through the graphs, one seeded and three not, with the same settings (one group in `pick_tokens`,
-    the seeded row's generator on the device): every row must run to its token budget."""
+    whose uniform numbers come from two generators): every row must run to its token budget."""
     from cogni_mamba.config import GenerationConfig
     from cogni_mamba.inference import Engine
 

@@ -351,5 +351,5 @@ class _ChildLink:
             self.events.send(message)
 
     def _stats(self) -> tuple:
-        stats = self.engine.stats()  # a flat tuple by hand: dataclasses.astuple deep-copies, ~3% of a nano step here
+        stats = self.engine.stats()  # a flat tuple by hand: dataclasses.astuple deep-copies (14 against 2.4 us)
         return tuple(getattr(stats, f.name) for f in dataclasses.fields(stats))
