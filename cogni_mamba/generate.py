@@ -133,11 +133,12 @@ def sample(logits: torch.Tensor, settings: GenerationConfig, generator: torch.Ge
 
 
 def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
-    """A seeded torch.Generator (same seed -> same samples), or None to use torch's global one."""
+    """A seeded torch.Generator (same seed -> same samples), or None to use torch's global one. Any integer seeds it:
+    taken modulo 2**64 (torch's own range; a negative seed s is torch's 2**64 + s, as it would map it)."""
     if seed is None:
         return None
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed(seed % 2**64)  # an API client's seed may be any JSON integer
     return generator
 
 

@@ -4,6 +4,7 @@ sentences when the child cannot load the model or dies."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -62,6 +63,34 @@ def test_concurrent_greedy_requests_equal_the_naive_reference(tiny, engine):
     assert wait_for(lambda: engine.stats().active == 0, 5)
     stats = engine.stats()
     assert stats.generated_tokens >= sum(lengths) and stats.threads == 1
+
+
+def test_a_seed_of_any_size_and_a_failed_submission_leave_the_process_serving(tiny, engine):
+    """A hostile client once killed the engine process with seed 10**23 (torch's manual_seed overflowed in the
+    child's command loop): seeds are taken modulo 2**64 now, and any submission the engine raises on fails that
+    request alone, with a sentence."""
+    settings = GenerationConfig(temperature=0.9, top_k=40, seed=10**23, max_new_tokens=6)
+    huge = list(engine.submit([5, 6, 7], settings))
+    same = list(engine.submit([5, 6, 7], dataclasses.replace(settings, seed=10**23 % 2**64)))
+    assert len(huge) == 6 and huge == same
+
+    from cogni_mamba.inference.remote import _ChildLink
+
+    class Refusing:
+        def submit_samples(self, *args, **kwargs):
+            raise ValueError("Overflow when unpacking long long")
+
+        def stats(self):
+            return engine.stats()
+
+    sent = []
+    link = _ChildLink(Refusing(), type("Events", (), {"send": staticmethod(sent.append)})())
+    link.submit(40, [1, 2], settings, 2, ())
+    (kind, updates, _), = sent
+    assert kind == "update" and [u[:3] for u in updates] == [(40, [], "error"), (41, [], "error")]
+    assert updates[0][3] == "the engine could not take it (ValueError: Overflow when unpacking long long)"
+    assert list(engine.submit([5, 6, 7], greedy_settings(3))) == naive_greedy(tiny.model, [5, 6, 7], 3)
+    assert engine.running
 
 
 def test_a_seeded_sampled_request_matches_the_in_process_engine(tiny, engine):

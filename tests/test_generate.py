@@ -16,6 +16,7 @@ from cogni_mamba.generate import (
     apply_repetition_penalty,
     decode_n,
     draw,
+    make_generator,
     min_p_filter,
     process_logits,
     sample,
@@ -258,6 +259,19 @@ def test_top_k_candidates_without_a_penalty_come_from_the_raw_logits_alike(dtype
         got = {i: x for i, x in zip(i_row, v_row, strict=True) if x != -math.inf}
         assert got.keys() == kept.keys()
         assert [got[i] for i in sorted(got)] == pytest.approx([kept[i] for i in sorted(kept)], rel=1e-6)
+
+
+def test_a_seed_of_any_size_makes_a_generator():
+    """Any integer seeds it, modulo 2**64: the seeds torch takes give what torch gives them (negative ones as torch
+    maps them), larger ones do not overflow (an API client's seed once killed the engine process)."""
+    def draws(generator) -> list[float]:
+        return torch.rand(4, generator=generator).tolist()
+
+    assert draws(make_generator(5)) == draws(torch.Generator().manual_seed(5))
+    assert draws(make_generator(-3)) == draws(torch.Generator().manual_seed(-3))  # torch's 2**64 - 3
+    assert draws(make_generator(10**23)) == draws(torch.Generator().manual_seed(10**23 % 2**64))
+    assert draws(make_generator(2**64 + 5)) == draws(make_generator(5))
+    assert make_generator(None) is None
 
 
 def test_draw_is_the_inverse_cdf():

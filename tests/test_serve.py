@@ -134,6 +134,17 @@ def test_fixed_seed_sampling_is_reproducible_and_streams_the_same_text(server):
     assert len(others | {a}) > 1 and a != greedy  # the seed and the temperature really are used
 
 
+def test_seeds_of_any_size_are_taken_modulo_2_to_the_64(server):
+    """A seed past torch's range once killed the engine process for every client; now it is 2**64-periodic."""
+    c = client(server)
+    kwargs = dict(model="m", messages=[{"role": "user", "content": "Hi"}], temperature=1.0, max_tokens=12)
+    huge = c.chat.completions.create(seed=10**23, **kwargs).choices[0].message.content
+    assert huge == c.chat.completions.create(seed=10**23 % 2**64, **kwargs).choices[0].message.content
+    negative = c.chat.completions.create(seed=-7, **kwargs).choices[0].message.content
+    assert negative == c.chat.completions.create(seed=2**64 - 7, **kwargs).choices[0].message.content
+    assert c.chat.completions.create(**{**kwargs, "temperature": 0}).choices[0].finish_reason  # still serving
+
+
 CHAT = "/v1/chat/completions"
 OK_MESSAGES = [{"role": "user", "content": "hi"}]
 BAD_REQUESTS = [

@@ -29,6 +29,7 @@ import dataclasses
 import multiprocessing
 import signal
 import threading
+import traceback
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -267,10 +268,13 @@ def child_main(commands, events, spec: EngineSpec) -> None:
             break
         if message[0] == "stop":
             break
-        if message[0] == "submit":
-            link.submit(*message[1:])
-        elif message[0] == "cancel":
-            link.cancel(*message[1:])
+        try:  # one command that fails must not take every request down with the process
+            if message[0] == "submit":
+                link.submit(*message[1:])
+            elif message[0] == "cancel":
+                link.cancel(*message[1:])
+        except Exception:  # noqa: BLE001 - a bug, not the user's input (submit reports that to its request)
+            traceback.print_exc()
     engine.stop()
     with contextlib.suppress(OSError):
         link.flush()
@@ -312,8 +316,9 @@ class _ChildLink:
             try:
                 requests = self.engine.submit_samples(prompt, settings, n, stop_ids=stop_ids, on_overflow="error",
                                                       on_update=mark)
-            except CogniError as e:
-                failed = [(first + i, [], "error", str(e)) for i in range(n)]
+            except Exception as e:  # noqa: BLE001 - this request fails; the process, and everyone else's, go on
+                said = str(e) if isinstance(e, CogniError) else f"the engine could not take it ({type(e).__name__}: {e})"
+                failed = [(first + i, [], "error", said) for i in range(n)]
             else:
                 self.requests.update((first + r.index, r) for r in requests)
                 return
