@@ -173,11 +173,12 @@ def test_a_failed_recording_warns_once_and_decodes_eagerly(trained):
     assert model.fast_decode.failed is not None
 
 
-def test_prepare_model_chooses_graphs_on_cuda_only(trained):
+def test_compile_on_a_cpu_keeps_the_ahead_of_time_graph(trained):
+    """`compile=True` means CUDA graphs on a CUDA device only (the GPU test below checks that side)."""
     from cogni_mamba.inference.compiled_step import CompiledDecoder
 
     model = prepare_model(_copy(trained), torch.float32, compile=True)
-    assert isinstance(model.fast_decode, CompiledDecoder)  # a CPU: the AOTInductor graph, not CUDA graphs
+    assert isinstance(model.fast_decode, CompiledDecoder) and not isinstance(model.fast_decode, GraphedDecoder)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
