@@ -14,6 +14,29 @@ class CogniError(Exception):
     """A user-facing error: the message says what was wrong and what to do."""
 
 
+# How torch's allocators say they failed: CUDA's OutOfMemoryError ("CUDA out of memory"), MPS's, and the CPU's
+# ("DefaultCPUAllocator: can't allocate memory: ..." on Linux, "not enough memory" on Windows).
+_OUT_OF_MEMORY = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """True for an allocation failure: torch.OutOfMemoryError, the CPU / MPS allocators' RuntimeError, MemoryError."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and any(words in text for words in _OUT_OF_MEMORY)
+
+
+def allocation_size(e: BaseException) -> str:
+    """ "N GiB" when the allocator said how much it tried to allocate, else ""."""
+    found = re.search(r"allocate (\d+) bytes", str(e)) or re.search(r"allocate ([\d.]+ [KMGT]i?B)", str(e))
+    if found is None:
+        return ""
+    if found.group(1).isdigit():
+        return f"{int(found.group(1)) / 2**30:,.1f} GiB"
+    return found.group(1)
+
+
 def build_failure(error: BaseException) -> str:
     """The telling line of a C++ build error (torch.utils.cpp_extension's or inductor's): the compiler's or
     linker's complaint ("...: No space left on device"), not the command lines around it."""

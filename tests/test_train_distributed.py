@@ -305,8 +305,10 @@ def _trainer_whose_forward_raises(tmp_path, error: BaseException) -> Trainer:
     torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: not enough memory: you tried to "
                  "allocate 1073741824 bytes."),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)"),  # Linux's words
     RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB)"),
-], ids=["cuda", "cpu", "mps"])
+], ids=["cuda", "cpu", "cpu-linux", "mps"])
 def test_out_of_memory_says_what_to_lower(tmp_path, error):
     trainer = _trainer_whose_forward_raises(tmp_path, error)
     with pytest.raises(CogniError) as caught:

@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 
-from ..errors import CogniError
+from ..errors import CogniError, allocation_size, is_out_of_memory
 
 # Subcommand modules, in the order `--help` lists them.
 COMMANDS = (
@@ -60,3 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `cogni-mamba info | head`
         sys.stderr.close()
         return 0
+    except (RuntimeError, MemoryError) as e:  # where no command said it better: running out of memory is one sentence
+        if not is_out_of_memory(e):
+            raise
+        tried = allocation_size(e)
+        print(f"error: this machine ran out of memory{f' (an allocation of {tried})' if tried else ''} running "
+              f"`cogni-mamba {args.command}`; use a smaller model (preset, model.dim, n_layers, vocab_size, "
+              "max_seq_len) or batch, or free some memory.", file=sys.stderr)
+        return 2

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..device import attention_backend, resolve_device, supports_bf16, supports_fp16
-    from ..errors import CogniError
+    from ..errors import CogniError, is_out_of_memory
     from ..model import CogniMamba
 
     cfg = config_from_args(args)
@@ -46,9 +46,12 @@ def run(args: argparse.Namespace) -> int:
         with torch.autocast(device.type, dtype=dtype, enabled=bf16):
             _, loss = model(ids[:, :-1], ids[:, 1:])
         loss.backward()
-    except torch.OutOfMemoryError:
-        raise CogniError(f"Out of memory running {cfg.preset or 'this config'} at batch {args.batch} x {seq} on "
-                         f"{device}; try a smaller --batch, --seq or preset.") from None
+    except (RuntimeError, MemoryError) as e:  # CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError
+        if not is_out_of_memory(e):
+            raise
+        raise CogniError(f"Out of memory building or running {cfg.preset or 'this config'} at batch {args.batch} x "
+                         f"{seq} on {device}; try a smaller --batch, --seq or preset (or a smaller model.vocab_size, "
+                         "dim or max_seq_len).") from None
     elapsed = time.perf_counter() - start
     grads = [p.grad for p in model.parameters()]
     if not torch.isfinite(loss) or any(g is None or not torch.isfinite(g).all() for g in grads):

@@ -11,8 +11,6 @@ import signal
 import threading
 from collections.abc import Callable
 
-import torch
-
 from ..config import TrainConfig
 from ..errors import CogniError
 from . import checkpoint as ckpt
@@ -50,12 +48,6 @@ class StopSignals:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    """True for an allocation failure: torch.OutOfMemoryError (CUDA) or the CPU/MPS allocators' RuntimeError."""
-    text = str(e).lower()
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "not enough memory" in text
 
 
 def oom_advice(shape: tuple[int, ...] | None, cfg: TrainConfig, precision: str, world_size: int) -> str:

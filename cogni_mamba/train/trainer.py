@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import Config, TrainConfig, to_dict
-from ..errors import CogniError
+from ..errors import CogniError, is_out_of_memory
 from ..stats import flops_per_token
 from . import checkpoint as ckpt
 from .budget import fit_to_budget, schedule_length, step_limit
@@ -41,7 +41,7 @@ from .distributed import (
     max_over_ranks,
     min_over_ranks,
 )
-from .guards import STOP_REASONS, StopSignals, is_out_of_memory, oom_advice, roll_back, stop_wish
+from .guards import STOP_REASONS, StopSignals, oom_advice, roll_back, stop_wish
 from .metrics import MetricsLog, device_peak_flops, plot_losses
 from .optim import build_optimizer, lr_at, set_lr, wsd_decay_start
 from .precision import autocast, load_scaler_state, make_scaler, resolve_precision

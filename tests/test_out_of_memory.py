@@ -1,0 +1,63 @@
+"""Running out of memory is one sentence: the allocators' own errors (torch's, raised for real here by asking the CPU
+allocator for a petabyte) are recognised, and the CLI says what to shrink instead of printing a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from cogni_mamba import cli
+from cogni_mamba.errors import allocation_size, is_out_of_memory
+
+
+def real_cpu_allocation_failure() -> RuntimeError:
+    with pytest.raises(RuntimeError) as caught:
+        torch.empty(1 << 50, dtype=torch.uint8)  # 1 PiB: refused at once, nothing is touched
+    return caught.value
+
+
+def test_the_allocators_words_are_recognised():
+    cpu = real_cpu_allocation_failure()
+    assert is_out_of_memory(cpu) and allocation_size(cpu) == "1,048,576.0 GiB"
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB)"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"))
+    assert not is_out_of_memory(ValueError("out of memory"))  # not an allocator's error
+    assert allocation_size(RuntimeError("no size here")) == ""
+
+
+def test_check_with_a_model_too_big_for_this_machine_is_one_sentence(tmp_path, capsys):
+    config = tmp_path / "huge.json"
+    config.write_text(json.dumps({"preset": "nano", "model": {"vocab_size": 100_000_000_000}}))
+    assert cli.main(["check", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: Out of memory building or running nano at batch 2 x 64 on cpu; try a smaller --batch, "
+                   "--seq or preset (or a smaller model.vocab_size, dim or max_seq_len)."]
+
+
+def test_any_command_that_runs_out_of_memory_says_so_without_a_traceback(monkeypatch, capsys):
+    import cogni_mamba.cli.info as info
+
+    def run(args):
+        torch.empty(1 << 50, dtype=torch.uint8)
+
+    monkeypatch.setattr(info, "run", run)
+    assert cli.main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: this machine ran out of memory (an allocation of 1,048,576.0 GiB) running `cogni-mamba "
+                   "info`; use a smaller model (preset, model.dim, n_layers, vocab_size, max_seq_len) or batch, or "
+                   "free some memory.\n")
+
+
+def test_other_runtime_errors_still_surface(monkeypatch):
+    import cogni_mamba.cli.info as info
+
+    def run(args):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(info, "run", run)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        cli.main(["info"])
