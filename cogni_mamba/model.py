@@ -20,6 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .device import free_memory
+from .errors import CogniError
+
+TABLE_CHECK_BYTES = 256 * 2**20  # rotary tables that take more than this while built are checked against free memory
 
 IGNORE_INDEX = -100
 
@@ -50,6 +54,11 @@ class Rotary(nn.Module):
         self._extend(max_len)
 
     def _extend(self, length: int) -> None:
+        need = 7 * length * self.inv_freq.numel() * 4  # peak bytes: freqs (L, D/2), emb, cos and sin (L, D), fp32
+        if need > TABLE_CHECK_BYTES and need > free_memory(self.inv_freq.device):  # refused, not killed by the OS
+            raise CogniError(f"The rotary tables for {length:,} positions (model.max_seq_len) need about "
+                             f"{need / 2**30:,.1f} GiB while they are built, more than this machine has free; "
+                             "lower model.max_seq_len.")
         t = torch.arange(length, dtype=torch.float32, device=self.inv_freq.device)
         freqs = torch.outer(t, self.inv_freq)  # (L, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (L, D): half-split layout, as in HF Llama

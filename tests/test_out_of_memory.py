@@ -61,3 +61,19 @@ def test_other_runtime_errors_still_surface(monkeypatch):
     monkeypatch.setattr(info, "run", run)
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         cli.main(["info"])
+
+
+def test_rotary_tables_larger_than_free_memory_are_refused_before_they_are_built(monkeypatch):
+    """A mistyped model.max_seq_len (1e8) once had the OS kill `check` while it built the rotary tables (45 GB);
+    tables whose peak (7 x positions x head_dim / 2 fp32 values) passes the free memory are refused in a sentence."""
+    from cogni_mamba import CogniMamba, ModelConfig
+    from cogni_mamba import model as model_module
+    from cogni_mamba.errors import CogniError
+
+    monkeypatch.setattr(model_module, "free_memory", lambda device: 2**30)  # this machine has 1 GiB free
+    small = dict(dim=64, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=50, hidden_dim=64)  # head_dim 32
+    with pytest.raises(CogniError, match=r"rotary tables for 2,400,000 positions .* need about 1\.0 GiB .*lower "
+                                         r"model\.max_seq_len"):
+        CogniMamba(ModelConfig(**small, max_seq_len=2_400_000))  # 7 x 2.4M x 16 x 4 bytes = 1.075e9 > 2**30
+    model = CogniMamba(ModelConfig(**small, max_seq_len=1_000_000))  # 448 MB: checked, and it fits
+    assert model.rotary.cos.shape == (1_000_000, 32)
