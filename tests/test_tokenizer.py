@@ -375,6 +375,18 @@ def test_training_errors(tmp_path):
         train_bpe(["", ""], 300, progress=False)
 
 
+def test_jsonl_fields_are_read_as_prepare_reads_them(tmp_path):
+    """A number in the text field is its text and null is no text, in `tokenizer train` as in `prepare`, so one file
+    serves both (the tokenizer used to refuse what prepare took)."""
+    from cogni_mamba.data.sources import ReadStats, read_jsonl
+    from cogni_mamba.tokenizer.training import jsonl_documents
+
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"text": 5}\n{"text": null}\n{"text": "a story"}\n{"text": 2.5}\n')
+    assert list(jsonl_documents(path, "text")) == ["5", "", "a story", "2.5"]
+    assert list(read_jsonl(path, "text", ReadStats())) == ["5", "a story", "2.5"]  # prepare drops empty documents
+
+
 # --- chat template ----------------------------------------------------------------------------------
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 😀, what's 2+2?"},

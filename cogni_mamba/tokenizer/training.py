@@ -140,11 +140,12 @@ def jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 raise CogniError(f"Line {n} of {path} is not valid JSON; fix or remove it.") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            if not isinstance(record, dict) or text_field not in record:
                 fields = ", ".join(record) if isinstance(record, dict) else "none"
-                raise CogniError(f"Line {n} of {path} has no string field {text_field!r} (fields: {fields}); "
+                raise CogniError(f"Line {n} of {path} has no field {text_field!r} (fields: {fields}); "
                                  f"pass --text-field to name the field holding the text.")
-            yield record[text_field]
+            value = record[text_field]  # as `prepare` reads it: a number becomes its text, null no text
+            yield "" if value is None else str(value)
 
 
 def parquet_documents(path: Path, text_field: str) -> Iterator[str]:
