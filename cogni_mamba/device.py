@@ -41,7 +41,9 @@ def parse_device(name: str) -> torch.device:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes free for a run: the GPU's free memory, or the RAM the kernel calls available."""
+    """Bytes free for a run: the GPU's free memory, or the RAM the kernel calls available (Linux); where the system
+    does not say (macOS has no available-pages count, Windows no sysconf), all of its RAM, or else no limit: an
+    estimate is then only refused when it passes what the machine has at all."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -51,7 +53,12 @@ def free_memory(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages)
+        except (AttributeError, ValueError, OSError):
+            continue
+    return 2**63
 
 
 @functools.cache

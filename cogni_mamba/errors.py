@@ -1,5 +1,6 @@
-"""The one exception type for mistakes a user can make (bad path, bad config, bad request), and the telling line
-of a failed C++ build (a kernel or a compiled step), for the one sentence that reports it.
+"""The one exception type for mistakes a user can make (bad path, bad config, bad request); the telling line
+of a failed C++ build (a kernel or a compiled step), for the one sentence that reports it; and how to recognise
+an allocator that ran out of memory (and the size it asked for), for the sentence that says so.
 
 The CLI prints a CogniError's message as one sentence and exits non-zero, without a traceback.
 """

@@ -77,3 +77,33 @@ def test_rotary_tables_larger_than_free_memory_are_refused_before_they_are_built
         CogniMamba(ModelConfig(**small, max_seq_len=2_400_000))  # 7 x 2.4M x 16 x 4 bytes = 1.075e9 > 2**30
     model = CogniMamba(ModelConfig(**small, max_seq_len=1_000_000))  # 448 MB: checked, and it fits
     assert model.rotary.cos.shape == (1_000_000, 32)
+
+
+def test_free_memory_where_the_system_does_not_say_what_is_available(monkeypatch):
+    """Linux: MemAvailable from /proc/meminfo (checked against sysconf's own count of available pages). macOS has
+    neither /proc nor SC_AVPHYS_PAGES (os.sysconf raises ValueError): all of its RAM; no sysconf at all: no limit."""
+    import builtins
+    import os
+
+    from cogni_mamba.device import free_memory
+
+    cpu = torch.device("cpu")
+    page, total = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_PHYS_PAGES")
+    assert 0 < free_memory(cpu) <= page * total
+    real_open, real_sysconf = builtins.open, os.sysconf
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    def mac_sysconf(name):
+        if name == "SC_AVPHYS_PAGES":
+            raise ValueError("unrecognized configuration name")
+        return real_sysconf(name)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    monkeypatch.setattr(os, "sysconf", mac_sysconf)
+    assert free_memory(cpu) == page * total
+    monkeypatch.delattr(os, "sysconf")
+    assert free_memory(cpu) == 2**63
