@@ -4,6 +4,7 @@ kernel SDPA picks."""
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 
 import torch
@@ -55,7 +56,7 @@ def free_memory(device: torch.device) -> int:
         pass
     for pages in ("SC_AVPHYS_PAGES", "SC_PHYS_PAGES"):
         try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf(pages)
+            return mmap.PAGESIZE * os.sysconf(pages)  # mmap's page size: macOS may not know "SC_PAGE_SIZE" either
         except (AttributeError, ValueError, OSError):
             continue
     return 2**63
