@@ -5,6 +5,7 @@ an allocator that ran out of memory (and the size it asked for), for the sentenc
 The CLI prints a CogniError's message as one sentence and exits non-zero, without a traceback.
 """
 
+import errno
 import re
 
 # Lines of a build log that say what ran, not what went wrong.
@@ -26,6 +27,16 @@ def is_out_of_memory(e: BaseException) -> bool:
         return True
     text = str(e).lower()
     return isinstance(e, RuntimeError) and any(words in text for words in _OUT_OF_MEMORY)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """True when a write failed for want of space: ENOSPC / EDQUOT, numpy's short write ("N requested and M
+    written"), or a library's error that carries the system's words (safetensors: "No space left on device")."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "Disk quota exceeded" in text or (
+        isinstance(e, OSError) and re.fullmatch(r"\d+ requested and \d+ written", text) is not None)
 
 
 def allocation_size(e: BaseException) -> str:

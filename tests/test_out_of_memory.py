@@ -1,5 +1,6 @@
-"""Running out of memory is one sentence: the allocators' own errors (torch's, raised for real here by asking the CPU
-allocator for a petabyte) are recognised, and the CLI says what to shrink instead of printing a traceback."""
+"""Running out of memory or disk is one sentence: the allocators' own errors (torch's, raised for real here by
+asking the CPU allocator for a petabyte) and the writers' (ENOSPC, numpy's short write, safetensors') are recognised,
+and the CLI says what to do instead of printing a traceback."""
 
 from __future__ import annotations
 
@@ -107,3 +108,41 @@ def test_free_memory_where_the_system_does_not_say_what_is_available(monkeypatch
     assert free_memory(cpu) == page * total
     monkeypatch.delattr(os, "sysconf")
     assert free_memory(cpu) == 2**63
+
+
+@pytest.mark.parametrize(("error", "said"), [
+    (OSError(28, "No space left on device", "/data/out/train.bin"),
+     "error: the disk ran out of space writing /data/out/train.bin while running `cogni-mamba info`; free some space "
+     "or write somewhere else, then run it again.\n"),
+    (OSError("524288 requested and 458960 written"),  # numpy's short write (ndarray.tofile on a full disk)
+     "error: the disk ran out of space while running `cogni-mamba info`; free some space or write somewhere else, "
+     "then run it again.\n"),
+    (Exception("Error while serializing: I/O error: No space left on device (os error 28)"),  # safetensors' words
+     "error: the disk ran out of space while running `cogni-mamba info`; free some space or write somewhere else, "
+     "then run it again.\n"),
+    (PermissionError(13, "Permission denied", "/srv/models"),
+     "error: Permission denied (/srv/models) while running `cogni-mamba info`; check the path, its permissions and "
+     "the disk.\n"),
+], ids=["enospc", "numpy-short-write", "safetensors", "permission"])
+def test_a_full_disk_or_a_refused_path_is_one_sentence(monkeypatch, capsys, error, said):
+    """What `export` and `prepare` printed as tracebacks on a 1 MB tmpfs (numpy's and safetensors' own errors), and
+    a folder the user may not write: one sentence from the CLI, exit 2."""
+    import cogni_mamba.cli.info as info
+
+    def run(args):
+        raise error
+
+    monkeypatch.setattr(info, "run", run)
+    assert cli.main(["info"]) == 2
+    assert capsys.readouterr().err == said
+
+
+def test_an_oserror_without_words_still_surfaces(monkeypatch):
+    import cogni_mamba.cli.info as info
+
+    def run(args):
+        raise OSError("something odd")
+
+    monkeypatch.setattr(info, "run", run)
+    with pytest.raises(OSError, match="something odd"):
+        cli.main(["info"])

@@ -10,7 +10,7 @@ import os
 import sys
 import warnings
 
-from ..errors import CogniError, allocation_size, is_out_of_memory
+from ..errors import CogniError, allocation_size, is_disk_full, is_out_of_memory
 
 # Subcommand modules, in the order `--help` lists them.
 COMMANDS = (
@@ -60,11 +60,26 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `cogni-mamba info | head`
         sys.stderr.close()
         return 0
-    except (RuntimeError, MemoryError) as e:  # where no command said it better: running out of memory is one sentence
-        if not is_out_of_memory(e):
+    except Exception as e:  # where no command said it better: out of memory, a full disk, a path it cannot use
+        sentence = _machine_trouble(e, f"`cogni-mamba {args.command}`")
+        if sentence is None:
             raise
-        tried = allocation_size(e)
-        print(f"error: this machine ran out of memory{f' (an allocation of {tried})' if tried else ''} running "
-              f"`cogni-mamba {args.command}`; use a smaller model (preset, model.dim, n_layers, vocab_size, "
-              "max_seq_len) or batch, or free some memory.", file=sys.stderr)
+        print(f"error: {sentence}", file=sys.stderr)
         return 2
+
+
+def _machine_trouble(e: BaseException, running: str) -> str | None:
+    """One sentence for what the machine ran out of or refused, or None for anything else (a bug: its traceback)."""
+    if is_out_of_memory(e):
+        tried = allocation_size(e)
+        return (f"this machine ran out of memory{f' (an allocation of {tried})' if tried else ''} running {running}; "
+                "use a smaller model (preset, model.dim, n_layers, vocab_size, max_seq_len) or batch, or free some "
+                "memory.")
+    if is_disk_full(e):
+        where = f" writing {e.filename}" if isinstance(e, OSError) and e.filename else ""
+        return (f"the disk ran out of space{where} while running {running}; free some space or write somewhere "
+                "else, then run it again.")
+    if isinstance(e, OSError) and e.strerror:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror}{where} while running {running}; check the path, its permissions and the disk."
+    return None
