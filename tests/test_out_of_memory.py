@@ -13,6 +13,20 @@ from cogni_mamba import cli
 from cogni_mamba.errors import allocation_size, is_out_of_memory
 
 
+def info_that_runs(monkeypatch, run) -> None:
+    """`cogni-mamba info` doing `run(args)` instead: any command's failure, through the real CLI entry point."""
+    import cogni_mamba.cli.info as info
+
+    monkeypatch.setattr(info, "run", run)
+
+
+def raising(error: BaseException):
+    def run(args):
+        raise error
+
+    return run
+
+
 def real_cpu_allocation_failure() -> RuntimeError:
     with pytest.raises(RuntimeError) as caught:
         torch.empty(1 << 50, dtype=torch.uint8)  # 1 PiB: refused at once, nothing is touched
@@ -40,12 +54,7 @@ def test_check_with_a_model_too_big_for_this_machine_is_one_sentence(tmp_path, c
 
 
 def test_any_command_that_runs_out_of_memory_says_so_without_a_traceback(monkeypatch, capsys):
-    import cogni_mamba.cli.info as info
-
-    def run(args):
-        torch.empty(1 << 50, dtype=torch.uint8)
-
-    monkeypatch.setattr(info, "run", run)
+    info_that_runs(monkeypatch, lambda args: torch.empty(1 << 50, dtype=torch.uint8))
     assert cli.main(["info"]) == 2
     err = capsys.readouterr().err
     assert err == ("error: this machine ran out of memory (an allocation of 1,048,576.0 GiB) running `cogni-mamba "
@@ -54,12 +63,7 @@ def test_any_command_that_runs_out_of_memory_says_so_without_a_traceback(monkeyp
 
 
 def test_other_runtime_errors_still_surface(monkeypatch):
-    import cogni_mamba.cli.info as info
-
-    def run(args):
-        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
-
-    monkeypatch.setattr(info, "run", run)
+    info_that_runs(monkeypatch, raising(RuntimeError("mat1 and mat2 shapes cannot be multiplied")))
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         cli.main(["info"])
 
@@ -127,22 +131,12 @@ def test_free_memory_where_the_system_does_not_say_what_is_available(monkeypatch
 def test_a_full_disk_or_a_refused_path_is_one_sentence(monkeypatch, capsys, error, said):
     """What `export` and `prepare` printed as tracebacks on a 1 MB tmpfs (numpy's and safetensors' own errors), and
     a folder the user may not write: one sentence from the CLI, exit 2."""
-    import cogni_mamba.cli.info as info
-
-    def run(args):
-        raise error
-
-    monkeypatch.setattr(info, "run", run)
+    info_that_runs(monkeypatch, raising(error))
     assert cli.main(["info"]) == 2
     assert capsys.readouterr().err == said
 
 
 def test_an_oserror_without_words_still_surfaces(monkeypatch):
-    import cogni_mamba.cli.info as info
-
-    def run(args):
-        raise OSError("something odd")
-
-    monkeypatch.setattr(info, "run", run)
+    info_that_runs(monkeypatch, raising(OSError("something odd")))
     with pytest.raises(OSError, match="something odd"):
         cli.main(["info"])
